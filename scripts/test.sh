@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# The README's test command, and what CI runs: install dependencies, then formatting, lints,
+# every test (unit + integration against real registries), and the Helm chart checks.
+set -euo pipefail
+REPO_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$REPO_DIR"
+
+scripts/install-deps.sh
+
+echo "== cargo fmt --check"
+cargo fmt --all -- --check
+echo "== cargo clippy"
+cargo clippy --all-targets --locked -- -D warnings
+echo "== cargo test"
+cargo test --locked
+echo "== chart checks"
+cargo build --locked --bin imagemirror
+scripts/chart-test.sh target/debug/imagemirror

@@ -1,0 +1,260 @@
+//! The one-shot `imagemirror mirror` command: read ImageMirror YAML, run every mirror on one
+//! engine, print a summary. `main.rs` only parses arguments and calls in here.
+
+mod output;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use futures_util::future::join_all;
+use serde::Deserialize;
+
+use crate::api::{ImageMirror, ImageMirrorSpec};
+use crate::mirror::{self, ClientPool, Counters, EndpointAccess, SpecError, SyncError, SyncReport};
+use crate::registry::DockerConfig;
+use crate::transfer::{BlobProgress, BlobState, Engine, EngineConfig, ProgressSink};
+
+pub use output::{OutputFormat, render};
+
+/// Options of `imagemirror mirror`.
+#[derive(Clone, Debug)]
+pub struct MirrorOptions {
+    /// Files with one or more ImageMirror documents.
+    pub files: Vec<PathBuf>,
+    /// Print the plan; write nothing.
+    pub dry_run: bool,
+    /// A docker config JSON with credentials; `None` uses `$DOCKER_CONFIG/config.json` or
+    /// `~/.docker/config.json` when present.
+    pub auth_file: Option<PathBuf>,
+    /// Blob transfers at once (global limit). Items per mirror run at the same number.
+    pub concurrency: usize,
+    /// Blob transfers at once per registry.
+    pub registry_concurrency: usize,
+    /// Summary format.
+    pub output: OutputFormat,
+}
+
+/// Errors that stop the command before any copy starts.
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    /// A file could not be read.
+    #[error("reading {path}: {source}")]
+    Read {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// A document is not an ImageMirror.
+    #[error("{path}, document {index}: {detail}")]
+    Document {
+        path: String,
+        index: usize,
+        detail: String,
+    },
+    /// The auth file is unusable.
+    #[error("auth file {path}: {detail}")]
+    Auth { path: String, detail: String },
+    /// No ImageMirror in any file.
+    #[error("no ImageMirror documents in {0}")]
+    Empty(String),
+}
+
+/// One mirror's outcome, for the summary.
+pub struct MirrorOutcome {
+    /// `namespace/name` of the ImageMirror.
+    pub name: String,
+    /// The report, or why the whole mirror failed.
+    pub result: Result<SyncReport, String>,
+    /// In a dry run: the planned items.
+    pub planned: Vec<String>,
+}
+
+impl MirrorOutcome {
+    /// Whether anything in this mirror failed.
+    pub fn failed(&self) -> bool {
+        match &self.result {
+            Ok(r) => r.failed() > 0,
+            Err(_) => true,
+        }
+    }
+}
+
+/// Reads every ImageMirror from a multi-document YAML text.
+pub fn parse_documents(path: &str, text: &str) -> Result<Vec<ImageMirror>, CliError> {
+    let mut out = Vec::new();
+    for (index, doc) in serde_yaml::Deserializer::from_str(text).enumerate() {
+        let doc_err = |detail: String| CliError::Document {
+            path: path.to_string(),
+            index: index + 1,
+            detail,
+        };
+        let value = serde_yaml::Value::deserialize(doc).map_err(|e| doc_err(e.to_string()))?;
+        if value.is_null() {
+            continue;
+        }
+        let kind = value.get("kind").and_then(|k| k.as_str()).unwrap_or("");
+        let api = value
+            .get("apiVersion")
+            .and_then(|k| k.as_str())
+            .unwrap_or("");
+        if kind != "ImageMirror" || api != "imagemirror.dev/v1alpha1" {
+            return Err(doc_err(format!(
+                "expected apiVersion imagemirror.dev/v1alpha1 and kind ImageMirror, found {api:?} {kind:?}"
+            )));
+        }
+        let mirror: ImageMirror =
+            serde_yaml::from_value(value).map_err(|e| doc_err(e.to_string()))?;
+        out.push(mirror);
+    }
+    Ok(out)
+}
+
+fn default_auth_file() -> Option<PathBuf> {
+    if let Some(dir) = std::env::var_os("DOCKER_CONFIG") {
+        return Some(Path::new(&dir).join("config.json"));
+    }
+    std::env::var_os("HOME").map(|h| Path::new(&h).join(".docker/config.json"))
+}
+
+fn load_auth(explicit: Option<&Path>) -> Result<DockerConfig, CliError> {
+    let (path, required) = match explicit {
+        Some(p) => (p.to_path_buf(), true),
+        None => match default_auth_file() {
+            Some(p) => (p, false),
+            None => return Ok(DockerConfig::default()),
+        },
+    };
+    match std::fs::read(&path) {
+        Ok(bytes) => DockerConfig::parse(&bytes).map_err(|e| CliError::Auth {
+            path: path.display().to_string(),
+            detail: e.to_string(),
+        }),
+        Err(e) if !required && e.kind() == std::io::ErrorKind::NotFound => {
+            Ok(DockerConfig::default())
+        }
+        Err(e) => Err(CliError::Auth {
+            path: path.display().to_string(),
+            detail: e.to_string(),
+        }),
+    }
+}
+
+/// Runs `imagemirror mirror`. Returns every mirror's outcome; the caller turns failures into
+/// the exit code.
+pub async fn run_mirror(
+    opts: &MirrorOptions,
+    progress: ProgressSink,
+) -> Result<Vec<MirrorOutcome>, CliError> {
+    let mut mirrors = Vec::new();
+    for f in &opts.files {
+        let path = f.display().to_string();
+        let text = std::fs::read_to_string(f).map_err(|source| CliError::Read {
+            path: path.clone(),
+            source,
+        })?;
+        mirrors.extend(parse_documents(&path, &text)?);
+    }
+    if mirrors.is_empty() {
+        let names: Vec<String> = opts.files.iter().map(|f| f.display().to_string()).collect();
+        return Err(CliError::Empty(names.join(", ")));
+    }
+    let auth = load_auth(opts.auth_file.as_deref())?;
+    let engine = Engine::new(EngineConfig {
+        max_concurrent: opts.concurrency.max(1),
+        max_per_registry: opts.registry_concurrency.max(1),
+        ..EngineConfig::default()
+    });
+    let pool = ClientPool::new();
+    let runs = mirrors.iter().map(|m| {
+        let name = format!(
+            "{}/{}",
+            m.metadata.namespace.as_deref().unwrap_or("default"),
+            m.metadata.name.as_deref().unwrap_or("(unnamed)")
+        );
+        let (engine, pool, auth, progress) = (&engine, &pool, &auth, progress.clone());
+        async move {
+            let mut planned = Vec::new();
+            let result =
+                one_mirror(engine, pool, auth, &m.spec, opts, progress, &mut planned).await;
+            MirrorOutcome {
+                name,
+                result,
+                planned,
+            }
+        }
+    });
+    Ok(join_all(runs).await)
+}
+
+async fn one_mirror(
+    engine: &Engine,
+    pool: &ClientPool,
+    auth: &DockerConfig,
+    spec: &ImageMirrorSpec,
+    opts: &MirrorOptions,
+    progress: ProgressSink,
+    planned: &mut Vec<String>,
+) -> Result<SyncReport, String> {
+    let valid = mirror::validate(spec).map_err(|e| e.to_string())?;
+    for (side, s) in [("source", &spec.source), ("destination", &spec.destination)] {
+        if s.ca_secret.is_some() {
+            tracing::warn!(
+                side,
+                "caSecret is read by the controller only; the CLI uses the system trust store"
+            );
+        }
+    }
+    let access = |registry: &str| EndpointAccess {
+        credentials: auth.get(registry).cloned(),
+        ca_pem: None,
+    };
+    let endpoint = |field, s, registry: &str| {
+        pool.endpoint(field, s, access(registry))
+            .map_err(|e: SpecError| e.to_string())
+    };
+    let source = endpoint("source", &spec.source, valid.source.registry())?;
+    let destination = endpoint(
+        "destination",
+        &spec.destination,
+        valid.destination.registry(),
+    )?;
+    if opts.dry_run {
+        let tags = if mirror::plan::needs_tag_list(&spec.tags) {
+            source
+                .registry
+                .list_tags(source.repo.path())
+                .await
+                .map_err(|e| e.to_string())?
+        } else {
+            Vec::new()
+        };
+        let plan = mirror::plan::plan(spec, &tags).map_err(|e| e.to_string())?;
+        planned.extend(plan.items.iter().map(|i| i.name().to_string()));
+        return Ok(SyncReport {
+            items: Vec::new(),
+            progress: Default::default(),
+        });
+    }
+    mirror::sync(
+        engine,
+        spec,
+        source,
+        destination,
+        opts.concurrency.max(1),
+        progress,
+        Arc::new(Counters::default()),
+    )
+    .await
+    .map_err(|e: SyncError| e.to_string())
+}
+
+/// Progress as plain log lines (for non-TTY output): one line per finished or retried blob.
+pub fn line_progress() -> ProgressSink {
+    Arc::new(|p: &BlobProgress| match &p.state {
+        BlobState::Finished(_) | BlobState::Retrying { .. } => {
+            let short = p.digest.get(7..19).unwrap_or(&p.digest);
+            eprintln!("{} {short}: {}", p.repository, p.state);
+        }
+        _ => {}
+    })
+}

@@ -1,0 +1,318 @@
+//! Copy one mirror's plan: per item, index → child manifests → blobs, written in the safe
+//! order (blobs, then child manifests, then the index, the tag last).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use futures_util::future::{BoxFuture, try_join_all};
+use futures_util::{FutureExt, StreamExt};
+
+use super::plan::Item;
+use crate::registry::manifest::is_index;
+use crate::registry::{Manifest, Parsed, Registry, RegistryError, Repository};
+use crate::transfer::{BlobOutcome, BlobProgress, BlobRequest, BlobState, Engine, ProgressSink};
+
+/// Nested indexes deeper than this are refused (real images have one level).
+const MAX_DEPTH: usize = 3;
+
+/// A registry client and the repository on it.
+#[derive(Clone)]
+pub struct Endpoint {
+    /// The client.
+    pub registry: Arc<dyn Registry>,
+    /// The repository.
+    pub repo: Repository,
+}
+
+/// Everything needed to copy one mirror's items.
+#[derive(Clone)]
+pub struct MirrorJob {
+    /// Read side.
+    pub source: Endpoint,
+    /// Write side.
+    pub destination: Endpoint,
+    /// `os/arch[/variant]` to keep from indexes; empty keeps all, byte-identical.
+    pub platforms: Vec<String>,
+    /// Whether an existing destination tag pointing elsewhere may be moved.
+    pub overwrite: bool,
+    /// Tags and digests to copy.
+    pub items: Vec<Item>,
+    /// Items copied at once. Blobs are bounded by the engine's own limits.
+    pub concurrency: usize,
+}
+
+/// Why one item failed.
+#[derive(Clone, Debug, thiserror::Error)]
+pub enum MirrorError {
+    /// The registry side failed; its error names the object.
+    #[error(transparent)]
+    Registry(#[from] RegistryError),
+    /// `overwrite: false` and the destination tag points at other content.
+    #[error("destination tag {tag} points at {existing}, not {wanted}, and overwrite is false")]
+    TagConflict {
+        tag: String,
+        existing: String,
+        wanted: String,
+    },
+    /// Indexes nested deeper than we follow.
+    #[error("manifest {0} nests indexes more than {MAX_DEPTH} deep")]
+    TooDeep(String),
+}
+
+impl MirrorError {
+    /// A short CamelCase reason for status, Events and metrics.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            MirrorError::Registry(e) => e.reason(),
+            MirrorError::TagConflict { .. } => "TagConflict",
+            MirrorError::TooDeep(_) => "ManifestInvalid",
+        }
+    }
+}
+
+/// How an item that did not fail ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ItemOutcome {
+    /// Source and destination already agreed; nothing was written.
+    UpToDate,
+    /// Content and the tag were written.
+    Copied,
+}
+
+/// The result for one item.
+#[derive(Clone, Debug)]
+pub struct ItemResult {
+    /// The tag or digest.
+    pub item: Item,
+    /// What the source points at, when it was learnt.
+    pub source_digest: Option<String>,
+    /// What the destination points at now (differs when platforms were filtered).
+    pub destination_digest: Option<String>,
+    /// Success or the reason for failure.
+    pub result: Result<ItemOutcome, MirrorError>,
+}
+
+/// Blob and byte counters of one run, updated as blobs finish.
+#[derive(Debug, Default)]
+pub struct Counters {
+    /// Blobs requested.
+    pub blobs_total: AtomicU64,
+    /// Blobs present (copied, skipped or mounted).
+    pub blobs_done: AtomicU64,
+    /// Blobs that were already there.
+    pub blobs_skipped: AtomicU64,
+    /// Blobs mounted from a sibling repository.
+    pub blobs_mounted: AtomicU64,
+    /// Bytes of requested blobs.
+    pub bytes_total: AtomicU64,
+    /// Bytes actually sent.
+    pub bytes_done: AtomicU64,
+}
+
+/// Copies every item of `job`; one item's failure never stops the others. Results come back in
+/// plan order.
+pub async fn run(
+    engine: &Engine,
+    job: &MirrorJob,
+    progress: ProgressSink,
+    counters: Arc<Counters>,
+) -> Vec<ItemResult> {
+    let ctx = Ctx {
+        engine,
+        job,
+        progress,
+        counters,
+    };
+    let ctx = &ctx;
+    let mut results: Vec<(usize, ItemResult)> =
+        futures_util::stream::iter(job.items.iter().enumerate())
+            .map(|(i, item)| async move { (i, ctx.copy_item(item).await) })
+            .buffer_unordered(job.concurrency.max(1))
+            .collect()
+            .await;
+    results.sort_by_key(|(i, _)| *i);
+    results.into_iter().map(|(_, r)| r).collect()
+}
+
+struct Ctx<'a> {
+    engine: &'a Engine,
+    job: &'a MirrorJob,
+    progress: ProgressSink,
+    counters: Arc<Counters>,
+}
+
+impl Ctx<'_> {
+    async fn copy_item(&self, item: &Item) -> ItemResult {
+        let mut out = ItemResult {
+            item: item.clone(),
+            source_digest: None,
+            destination_digest: None,
+            result: Ok(ItemOutcome::UpToDate),
+        };
+        out.result = self.copy_item_inner(item, &mut out).await;
+        if let Err(e) = &out.result {
+            tracing::warn!(item = item.name(), reason = e.reason(), error = %e, "item failed");
+        }
+        out
+    }
+
+    async fn copy_item_inner(
+        &self,
+        item: &Item,
+        out: &mut ItemResult,
+    ) -> Result<ItemOutcome, MirrorError> {
+        let (src, dst) = (&self.job.source, &self.job.destination);
+        let reference = item.name();
+        let retry = &self.engine.config().retry;
+        let head = retry
+            .run(
+                |_| src.registry.head_manifest(src.repo.path(), reference),
+                |_, _, _| {},
+            )
+            .await?
+            .ok_or_else(|| RegistryError::NotFound {
+                what: format!("{}:{reference}", src.repo),
+            })?;
+        out.source_digest = head.digest.clone();
+        // Platform filtering rewrites indexes, so only unfiltered items (and pinned digests,
+        // which are always copied as they are) can be judged by digest alone.
+        let filtering = !self.job.platforms.is_empty() && matches!(item, Item::Tag(_));
+        let dst_head = retry
+            .run(
+                |_| dst.registry.head_manifest(dst.repo.path(), reference),
+                |_, _, _| {},
+            )
+            .await?;
+        let dst_digest = dst_head.and_then(|h| h.digest);
+        if !filtering && head.digest.is_some() && dst_digest == head.digest {
+            out.destination_digest = dst_digest;
+            return Ok(ItemOutcome::UpToDate);
+        }
+        let source_ref = head.digest.as_deref().unwrap_or(reference);
+        let manifest = retry
+            .run(
+                |_| src.registry.get_manifest(src.repo.path(), source_ref),
+                |_, _, _| {},
+            )
+            .await?;
+        out.source_digest = Some(manifest.digest.clone());
+        let manifest = if filtering && is_index(&manifest.media_type) {
+            manifest.filter_platforms(&format!("{}:{reference}", src.repo), &self.job.platforms)?
+        } else {
+            manifest
+        };
+        if dst_digest.as_deref() == Some(manifest.digest.as_str()) {
+            out.destination_digest = dst_digest;
+            return Ok(ItemOutcome::UpToDate);
+        }
+        if let (Item::Tag(tag), Some(existing), false) = (item, &dst_digest, self.job.overwrite) {
+            return Err(MirrorError::TagConflict {
+                tag: format!("{}:{tag}", dst.repo),
+                existing: existing.clone(),
+                wanted: manifest.digest.clone(),
+            });
+        }
+        self.copy_children(&manifest, 0).await?;
+        retry
+            .run(
+                |_| {
+                    dst.registry
+                        .put_manifest(dst.repo.path(), reference, &manifest)
+                },
+                |_, _, _| {},
+            )
+            .await?;
+        out.destination_digest = Some(manifest.digest.clone());
+        Ok(ItemOutcome::Copied)
+    }
+
+    /// Makes everything `manifest` refers to present at the destination.
+    fn copy_children<'a>(
+        &'a self,
+        manifest: &'a Manifest,
+        depth: usize,
+    ) -> BoxFuture<'a, Result<(), MirrorError>> {
+        async move {
+            let what = format!("{}@{}", self.job.source.repo, manifest.digest);
+            if depth > MAX_DEPTH {
+                return Err(MirrorError::TooDeep(what));
+            }
+            match manifest.parse(&what)? {
+                Parsed::Image { config, layers } => {
+                    let blobs = std::iter::once(config).chain(layers);
+                    try_join_all(blobs.map(|d| self.copy_blob(d.digest, d.size))).await?;
+                }
+                Parsed::Index { manifests } => {
+                    try_join_all(
+                        manifests
+                            .into_iter()
+                            .map(|d| self.copy_child_manifest(d.digest, depth)),
+                    )
+                    .await?;
+                }
+            }
+            Ok(())
+        }
+        .boxed()
+    }
+
+    async fn copy_child_manifest(&self, digest: String, depth: usize) -> Result<(), MirrorError> {
+        let (src, dst) = (&self.job.source, &self.job.destination);
+        let retry = &self.engine.config().retry;
+        let present = retry
+            .run(
+                |_| dst.registry.head_manifest(dst.repo.path(), &digest),
+                |_, _, _| {},
+            )
+            .await?;
+        if present.is_some() {
+            // A manifest is only ever pushed after all it refers to, so its presence vouches
+            // for its blobs.
+            return Ok(());
+        }
+        let child = retry
+            .run(
+                |_| src.registry.get_manifest(src.repo.path(), &digest),
+                |_, _, _| {},
+            )
+            .await?;
+        self.copy_children(&child, depth + 1).await?;
+        retry
+            .run(
+                |_| dst.registry.put_manifest(dst.repo.path(), &digest, &child),
+                |_, _, _| {},
+            )
+            .await?;
+        Ok(())
+    }
+
+    async fn copy_blob(&self, digest: String, size: u64) -> Result<BlobOutcome, MirrorError> {
+        let c = &self.counters;
+        c.blobs_total.fetch_add(1, Ordering::Relaxed);
+        c.bytes_total.fetch_add(size, Ordering::Relaxed);
+        let req = BlobRequest {
+            source: self.job.source.registry.clone(),
+            source_repo: self.job.source.repo.path().to_string(),
+            destination: self.job.destination.registry.clone(),
+            destination_repo: self.job.destination.repo.path().to_string(),
+            digest,
+            size,
+        };
+        let sink = self.progress.clone();
+        let counters = self.counters.clone();
+        let wrapped: ProgressSink = Arc::new(move |p: &BlobProgress| {
+            if let BlobState::Finished(Ok(outcome)) = &p.state {
+                counters.blobs_done.fetch_add(1, Ordering::Relaxed);
+                match outcome {
+                    BlobOutcome::Exists => counters.blobs_skipped.fetch_add(1, Ordering::Relaxed),
+                    BlobOutcome::Mounted => counters.blobs_mounted.fetch_add(1, Ordering::Relaxed),
+                    BlobOutcome::Copied { bytes_sent } => counters
+                        .bytes_done
+                        .fetch_add(*bytes_sent, Ordering::Relaxed),
+                };
+            }
+            sink(p)
+        });
+        Ok(self.engine.copy_blob(req, &wrapped).await?)
+    }
+}

@@ -1,0 +1,63 @@
+//! Blob reads: existence checks and streaming GETs (with Range for resume).
+
+use futures_util::{StreamExt, TryStreamExt};
+use reqwest::StatusCode;
+use reqwest::header::RANGE;
+
+use super::error::{RegistryError, Result};
+use super::transport::{Access, check};
+use super::{BlobStream, RegistryClient};
+
+impl RegistryClient {
+    /// HEAD a blob: its size when present, `None` when not.
+    pub async fn blob_size(&self, repo: &str, digest: &str) -> Result<Option<u64>> {
+        let what = self.what(repo, digest);
+        let url = self.t.url(&format!("/v2/{repo}/blobs/{digest}"));
+        let resp = self
+            .t
+            .send(&what, &Access::Pull(repo.into()), || self.t.http.head(&url))
+            .await?;
+        match check(&what, resp).await {
+            // On a HEAD, reqwest's content_length() is the empty body's: read the header.
+            Ok(resp) => Ok(Some(
+                resp.headers()
+                    .get(reqwest::header::CONTENT_LENGTH)
+                    .and_then(|v| v.to_str().ok()?.parse().ok())
+                    .unwrap_or(0),
+            )),
+            Err(RegistryError::NotFound { .. }) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Streams a blob from byte `offset` on. The stream yields the registry's chunks as they
+    /// arrive; nothing is buffered beyond them.
+    pub async fn get_blob(&self, repo: &str, digest: &str, offset: u64) -> Result<BlobStream> {
+        let what = self.what(repo, digest);
+        let url = self.t.url(&format!("/v2/{repo}/blobs/{digest}"));
+        let resp = self
+            .t
+            .send(&what, &Access::Pull(repo.into()), || {
+                let req = self.t.http.get(&url);
+                if offset > 0 {
+                    req.header(RANGE, format!("bytes={offset}-"))
+                } else {
+                    req
+                }
+            })
+            .await?;
+        let resp = check(&what, resp).await?;
+        if offset > 0 && resp.status() != StatusCode::PARTIAL_CONTENT {
+            return Err(RegistryError::Status {
+                what,
+                status: resp.status().as_u16(),
+                detail: format!("asked for bytes from {offset} on, got the whole blob"),
+                retry_after: None,
+            });
+        }
+        let stream = resp
+            .bytes_stream()
+            .map_err(move |e| RegistryError::transport(what.clone(), &e));
+        Ok(stream.boxed())
+    }
+}

@@ -1,0 +1,233 @@
+//! OCI distribution client: references, auth, transport, manifests, blobs and uploads.
+//!
+//! The engine depends on the [`Registry`] trait; [`RegistryClient`] is the HTTP implementation.
+
+pub mod auth;
+mod blob;
+pub mod digest;
+mod error;
+pub mod manifest;
+pub mod reference;
+mod transport;
+mod upload;
+
+use bytes::Bytes;
+use futures_util::FutureExt;
+use futures_util::future::BoxFuture;
+use futures_util::stream::BoxStream;
+
+pub use auth::{Credentials, DockerConfig};
+pub use error::{RegistryError, Result};
+pub use manifest::{Descriptor, Manifest, ManifestHead, Parsed};
+pub use reference::Repository;
+pub use transport::RegistryOptions;
+pub use upload::MountOutcome;
+
+/// A stream of blob bytes.
+pub type BlobStream = BoxStream<'static, Result<Bytes>>;
+
+/// What the engine needs from a registry. Repository paths are relative to the registry
+/// (`library/nginx`); references are tags or digests.
+pub trait Registry: Send + Sync {
+    /// The registry host, for messages and transfer keys.
+    fn host(&self) -> &str;
+    /// HEAD a manifest; `None` when absent.
+    fn head_manifest<'a>(
+        &'a self,
+        repo: &'a str,
+        reference: &'a str,
+    ) -> BoxFuture<'a, Result<Option<ManifestHead>>>;
+    /// GET a manifest (size-capped, digest-verified when fetched by digest).
+    fn get_manifest<'a>(
+        &'a self,
+        repo: &'a str,
+        reference: &'a str,
+    ) -> BoxFuture<'a, Result<Manifest>>;
+    /// PUT a manifest under a tag or digest.
+    fn put_manifest<'a>(
+        &'a self,
+        repo: &'a str,
+        reference: &'a str,
+        manifest: &'a Manifest,
+    ) -> BoxFuture<'a, Result<()>>;
+    /// All tags of a repository.
+    fn list_tags<'a>(&'a self, repo: &'a str) -> BoxFuture<'a, Result<Vec<String>>>;
+    /// HEAD a blob: its size, or `None` when absent.
+    fn blob_size<'a>(
+        &'a self,
+        repo: &'a str,
+        digest: &'a str,
+    ) -> BoxFuture<'a, Result<Option<u64>>>;
+    /// Stream a blob from `offset` on.
+    fn get_blob<'a>(
+        &'a self,
+        repo: &'a str,
+        digest: &'a str,
+        offset: u64,
+    ) -> BoxFuture<'a, Result<BlobStream>>;
+    /// Open an upload session.
+    fn start_upload<'a>(&'a self, repo: &'a str) -> BoxFuture<'a, Result<String>>;
+    /// Mount `digest` from repository `from` of the same registry.
+    fn mount_blob<'a>(
+        &'a self,
+        repo: &'a str,
+        digest: &'a str,
+        from: &'a str,
+    ) -> BoxFuture<'a, Result<MountOutcome>>;
+    /// Upload a whole blob in one PUT and close the session.
+    fn put_upload<'a>(
+        &'a self,
+        repo: &'a str,
+        location: &'a str,
+        digest: &'a str,
+        size: u64,
+        body: BlobStream,
+    ) -> BoxFuture<'a, Result<()>>;
+    /// Upload one chunk; returns the next location.
+    fn patch_upload<'a>(
+        &'a self,
+        repo: &'a str,
+        location: &'a str,
+        offset: u64,
+        len: u64,
+        body: BlobStream,
+    ) -> BoxFuture<'a, Result<String>>;
+    /// How far a session got, and its location.
+    fn upload_status<'a>(
+        &'a self,
+        repo: &'a str,
+        location: &'a str,
+    ) -> BoxFuture<'a, Result<(u64, String)>>;
+    /// Close a chunked session under `digest`.
+    fn finish_upload<'a>(
+        &'a self,
+        repo: &'a str,
+        location: &'a str,
+        digest: &'a str,
+    ) -> BoxFuture<'a, Result<()>>;
+    /// Abandon a session (best effort).
+    fn cancel_upload<'a>(&'a self, repo: &'a str, location: &'a str) -> BoxFuture<'a, ()>;
+}
+
+/// An HTTP client for one registry with its own TLS settings, credentials and token cache.
+pub struct RegistryClient {
+    t: transport::Transport,
+}
+
+impl std::fmt::Debug for RegistryClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RegistryClient")
+            .field("base", &self.t.base)
+            .finish()
+    }
+}
+
+impl RegistryClient {
+    /// A client for the registry at `host` (`host[:port]`, the API endpoint).
+    pub fn new(host: &str, options: &RegistryOptions) -> Result<Self> {
+        Ok(RegistryClient {
+            t: transport::Transport::new(host, options)?,
+        })
+    }
+
+    /// `host/repo:tag` or `host/repo@digest`, for messages.
+    fn what(&self, repo: &str, reference: &str) -> String {
+        let sep = if reference.contains(':') { '@' } else { ':' };
+        format!("{}/{repo}{sep}{reference}", self.t.host)
+    }
+}
+
+impl Registry for RegistryClient {
+    fn host(&self) -> &str {
+        &self.t.host
+    }
+    fn head_manifest<'a>(
+        &'a self,
+        repo: &'a str,
+        reference: &'a str,
+    ) -> BoxFuture<'a, Result<Option<ManifestHead>>> {
+        RegistryClient::head_manifest(self, repo, reference).boxed()
+    }
+    fn get_manifest<'a>(
+        &'a self,
+        repo: &'a str,
+        reference: &'a str,
+    ) -> BoxFuture<'a, Result<Manifest>> {
+        RegistryClient::get_manifest(self, repo, reference).boxed()
+    }
+    fn put_manifest<'a>(
+        &'a self,
+        repo: &'a str,
+        reference: &'a str,
+        manifest: &'a Manifest,
+    ) -> BoxFuture<'a, Result<()>> {
+        RegistryClient::put_manifest(self, repo, reference, manifest).boxed()
+    }
+    fn list_tags<'a>(&'a self, repo: &'a str) -> BoxFuture<'a, Result<Vec<String>>> {
+        RegistryClient::list_tags(self, repo).boxed()
+    }
+    fn blob_size<'a>(
+        &'a self,
+        repo: &'a str,
+        digest: &'a str,
+    ) -> BoxFuture<'a, Result<Option<u64>>> {
+        RegistryClient::blob_size(self, repo, digest).boxed()
+    }
+    fn get_blob<'a>(
+        &'a self,
+        repo: &'a str,
+        digest: &'a str,
+        offset: u64,
+    ) -> BoxFuture<'a, Result<BlobStream>> {
+        RegistryClient::get_blob(self, repo, digest, offset).boxed()
+    }
+    fn start_upload<'a>(&'a self, repo: &'a str) -> BoxFuture<'a, Result<String>> {
+        RegistryClient::start_upload(self, repo).boxed()
+    }
+    fn mount_blob<'a>(
+        &'a self,
+        repo: &'a str,
+        digest: &'a str,
+        from: &'a str,
+    ) -> BoxFuture<'a, Result<MountOutcome>> {
+        RegistryClient::mount_blob(self, repo, digest, from).boxed()
+    }
+    fn put_upload<'a>(
+        &'a self,
+        repo: &'a str,
+        location: &'a str,
+        digest: &'a str,
+        size: u64,
+        body: BlobStream,
+    ) -> BoxFuture<'a, Result<()>> {
+        RegistryClient::put_upload(self, repo, location, digest, size, body).boxed()
+    }
+    fn patch_upload<'a>(
+        &'a self,
+        repo: &'a str,
+        location: &'a str,
+        offset: u64,
+        len: u64,
+        body: BlobStream,
+    ) -> BoxFuture<'a, Result<String>> {
+        RegistryClient::patch_upload(self, repo, location, offset, len, body).boxed()
+    }
+    fn upload_status<'a>(
+        &'a self,
+        repo: &'a str,
+        location: &'a str,
+    ) -> BoxFuture<'a, Result<(u64, String)>> {
+        RegistryClient::upload_status(self, repo, location).boxed()
+    }
+    fn finish_upload<'a>(
+        &'a self,
+        repo: &'a str,
+        location: &'a str,
+        digest: &'a str,
+    ) -> BoxFuture<'a, Result<()>> {
+        RegistryClient::finish_upload(self, repo, location, digest).boxed()
+    }
+    fn cancel_upload<'a>(&'a self, repo: &'a str, location: &'a str) -> BoxFuture<'a, ()> {
+        RegistryClient::cancel_upload(self, repo, location).boxed()
+    }
+}

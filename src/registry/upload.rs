@@ -1,0 +1,201 @@
+//! Blob uploads: sessions, monolithic and chunked PUT/PATCH, status for resume, mounts, cancel.
+
+use reqwest::StatusCode;
+use reqwest::header::{CONTENT_LENGTH, CONTENT_RANGE, CONTENT_TYPE, LOCATION, RANGE};
+
+use super::error::{RegistryError, Result};
+use super::transport::{Access, check};
+use super::{BlobStream, RegistryClient};
+
+/// The answer to a mount request.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum MountOutcome {
+    /// The registry linked the blob; nothing to upload.
+    Mounted,
+    /// The registry did not mount and opened an upload session at this location instead.
+    Upload(String),
+}
+
+impl RegistryClient {
+    fn location(&self, what: &str, resp: &reqwest::Response) -> Result<String> {
+        resp.headers()
+            .get(LOCATION)
+            .and_then(|v| v.to_str().ok())
+            .map(|l| self.t.url(l))
+            .ok_or_else(|| RegistryError::Status {
+                what: what.to_string(),
+                status: resp.status().as_u16(),
+                detail: "upload answer without a Location header".into(),
+                retry_after: None,
+            })
+    }
+
+    /// Opens an upload session; returns its location.
+    pub async fn start_upload(&self, repo: &str) -> Result<String> {
+        let what = format!("{}/{repo} (upload)", self.t.host);
+        let url = self.t.url(&format!("/v2/{repo}/blobs/uploads/"));
+        let resp = self
+            .t
+            .send(&what, &Access::Push(repo.into()), || {
+                self.t.http.post(&url).header(CONTENT_LENGTH, 0)
+            })
+            .await?;
+        let resp = check(&what, resp).await?;
+        self.location(&what, &resp)
+    }
+
+    /// Asks the registry to link `digest` from repository `from` of the same registry.
+    pub async fn mount_blob(&self, repo: &str, digest: &str, from: &str) -> Result<MountOutcome> {
+        let what = self.what(repo, digest);
+        let url = self.t.url(&format!("/v2/{repo}/blobs/uploads/"));
+        let access = Access::Mount {
+            to: repo.into(),
+            from: from.into(),
+        };
+        let resp = self
+            .t
+            .send(&what, &access, || {
+                self.t
+                    .http
+                    .post(&url)
+                    .query(&[("mount", digest), ("from", from)])
+                    .header(CONTENT_LENGTH, 0)
+            })
+            .await?;
+        let resp = check(&what, resp).await?;
+        if resp.status() == StatusCode::CREATED {
+            Ok(MountOutcome::Mounted)
+        } else {
+            Ok(MountOutcome::Upload(self.location(&what, &resp)?))
+        }
+    }
+
+    /// Uploads `size` bytes of `body` and closes the session under `digest` in one PUT.
+    pub async fn put_upload(
+        &self,
+        repo: &str,
+        location: &str,
+        digest: &str,
+        size: u64,
+        body: BlobStream,
+    ) -> Result<()> {
+        let what = self.what(repo, digest);
+        let url = with_digest(location, digest, &what)?;
+        let mut body = Some(reqwest::Body::wrap_stream(body));
+        let resp = self
+            .t
+            .send(&what, &Access::Push(repo.into()), || {
+                let req = self
+                    .t
+                    .http
+                    .put(&url)
+                    .header(CONTENT_TYPE, "application/octet-stream")
+                    .header(CONTENT_LENGTH, size);
+                // The stream can be sent once; after a 401 the retry goes out empty and the
+                // registry refuses it, which surfaces as the auth error it is.
+                match body.take() {
+                    Some(b) => req.body(b),
+                    None => req,
+                }
+            })
+            .await?;
+        check(&what, resp).await?;
+        Ok(())
+    }
+
+    /// Sends one chunk of `len` bytes starting at `offset`; returns the session's next location.
+    pub async fn patch_upload(
+        &self,
+        repo: &str,
+        location: &str,
+        offset: u64,
+        len: u64,
+        body: BlobStream,
+    ) -> Result<String> {
+        let what = format!("{}/{repo} (upload chunk at {offset})", self.t.host);
+        let mut body = Some(reqwest::Body::wrap_stream(body));
+        let end = (offset + len).saturating_sub(1);
+        let resp = self
+            .t
+            .send(&what, &Access::Push(repo.into()), || {
+                let req = self
+                    .t
+                    .http
+                    .patch(location)
+                    .header(CONTENT_TYPE, "application/octet-stream")
+                    .header(CONTENT_RANGE, format!("{offset}-{end}"))
+                    .header(CONTENT_LENGTH, len);
+                match body.take() {
+                    Some(b) => req.body(b),
+                    None => req,
+                }
+            })
+            .await?;
+        let resp = check(&what, resp).await?;
+        self.location(&what, &resp)
+    }
+
+    /// How many bytes the session holds (from its `Range: 0-N`), and its current location.
+    pub async fn upload_status(&self, repo: &str, location: &str) -> Result<(u64, String)> {
+        let what = format!("{}/{repo} (upload status)", self.t.host);
+        let resp = self
+            .t
+            .send(&what, &Access::Push(repo.into()), || {
+                self.t.http.get(location)
+            })
+            .await?;
+        let resp = check(&what, resp).await?;
+        let offset = resp
+            .headers()
+            .get(RANGE)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|r| r.rsplit_once('-'))
+            .and_then(|(_, end)| end.trim().parse::<u64>().ok())
+            .map(|end| end + 1)
+            .unwrap_or(0);
+        let next = self
+            .location(&what, &resp)
+            .unwrap_or_else(|_| location.to_string());
+        Ok((offset, next))
+    }
+
+    /// Closes a chunked session under `digest` (PUT without body).
+    pub async fn finish_upload(&self, repo: &str, location: &str, digest: &str) -> Result<()> {
+        let what = self.what(repo, digest);
+        let url = with_digest(location, digest, &what)?;
+        let resp = self
+            .t
+            .send(&what, &Access::Push(repo.into()), || {
+                self.t.http.put(&url).header(CONTENT_LENGTH, 0)
+            })
+            .await?;
+        check(&what, resp).await?;
+        Ok(())
+    }
+
+    /// Abandons a session so the registry can free what it holds. Best effort.
+    pub async fn cancel_upload(&self, repo: &str, location: &str) {
+        let what = format!("{}/{repo} (cancel upload)", self.t.host);
+        let result = self
+            .t
+            .send(&what, &Access::Push(repo.into()), || {
+                self.t.http.delete(location)
+            })
+            .await;
+        if let Err(e) = result {
+            tracing::debug!(error = %e, "cancelling an upload session failed");
+        }
+    }
+}
+
+/// The session location with `digest=` added to its query.
+fn with_digest(location: &str, digest: &str, what: &str) -> Result<String> {
+    let mut url = url::Url::parse(location).map_err(|e| RegistryError::Status {
+        what: what.to_string(),
+        status: 202,
+        detail: format!("upload location {location:?} is not a URL: {e}"),
+        retry_after: None,
+    })?;
+    url.query_pairs_mut().append_pair("digest", digest);
+    Ok(url.to_string())
+}

@@ -1,0 +1,307 @@
+//! The transfer manager: keyed, shared blob transfers under global and per-registry limits,
+//! with retries and progress. Knows nothing of Kubernetes.
+//!
+//! A blob copy is keyed by (destination registry, repository, digest). A second request for a
+//! key in flight joins it and watches its progress; the work is cancelled only when every
+//! watcher has gone. A request for the same digest to another repository of the same registry
+//! waits for the first and then mounts instead of copying the bytes again.
+
+mod blob;
+mod progress;
+mod retry;
+mod verify;
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex, Weak};
+
+use tokio::sync::{Semaphore, watch};
+use tokio::task::AbortHandle;
+
+use crate::registry::{Registry, RegistryError};
+
+pub use progress::{BlobOutcome, BlobProgress, BlobState, ProgressSink, no_progress};
+pub use retry::RetryPolicy;
+pub use verify::{FailureSlot, Verify};
+
+/// Limits and policies of the engine. One engine serves every mirror in the process.
+#[derive(Clone, Debug)]
+pub struct EngineConfig {
+    /// Blob transfers running at once across all registries. Default 8.
+    pub max_concurrent: usize,
+    /// Blob transfers running at once against any one registry (source or destination).
+    /// Default 4.
+    pub max_per_registry: usize,
+    /// Retry policy for blob transfers. Default: 5 attempts, 500 ms base, 30 s cap.
+    pub retry: RetryPolicy,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig {
+            max_concurrent: 8,
+            max_per_registry: 4,
+            retry: RetryPolicy::default(),
+        }
+    }
+}
+
+/// One blob to make present at a destination repository.
+#[derive(Clone)]
+pub struct BlobRequest {
+    /// Where the bytes come from.
+    pub source: Arc<dyn Registry>,
+    /// Source repository path.
+    pub source_repo: String,
+    /// Where they go.
+    pub destination: Arc<dyn Registry>,
+    /// Destination repository path.
+    pub destination_repo: String,
+    /// The blob's digest.
+    pub digest: String,
+    /// The blob's size, from its descriptor.
+    pub size: u64,
+}
+
+/// (destination registry, repository, digest).
+type Key = (String, String, String);
+
+/// A transfer in flight. Watchers hold it by `Arc`; the last one to let go aborts the work.
+struct Transfer {
+    state: watch::Receiver<BlobState>,
+    repo: String,
+    abort: AbortHandle,
+}
+
+impl Drop for Transfer {
+    fn drop(&mut self) {
+        self.abort.abort();
+    }
+}
+
+/// What the engine knows: transfers in flight and digests known present.
+#[derive(Default)]
+struct Book {
+    in_flight: HashMap<Key, Weak<Transfer>>,
+    /// In-flight transfers by (registry, digest), to find a sibling repository to mount from.
+    by_digest: HashMap<(String, String), Weak<Transfer>>,
+    /// Digests known to exist per (registry, repository): the v2 pusher's `layersPushed`.
+    known: HashSet<Key>,
+    /// A repository per (registry, digest) known to hold it, to mount from.
+    holder: HashMap<(String, String), String>,
+}
+
+/// Bound on the remembered digests so a long-running controller's memory stays flat.
+const KNOWN_LIMIT: usize = 200_000;
+
+struct Inner {
+    config: EngineConfig,
+    global: Arc<Semaphore>,
+    per_registry: Mutex<HashMap<String, Arc<Semaphore>>>,
+    state: Mutex<Book>,
+}
+
+/// The process-wide transfer engine. Cheap to clone.
+#[derive(Clone)]
+pub struct Engine {
+    inner: Arc<Inner>,
+}
+
+impl Engine {
+    /// An engine with the given limits.
+    pub fn new(config: EngineConfig) -> Self {
+        let global = Arc::new(Semaphore::new(config.max_concurrent.max(1)));
+        Engine {
+            inner: Arc::new(Inner {
+                config,
+                global,
+                per_registry: Mutex::new(HashMap::new()),
+                state: Mutex::new(Book::default()),
+            }),
+        }
+    }
+
+    /// The engine's configuration.
+    pub fn config(&self) -> &EngineConfig {
+        &self.inner.config
+    }
+
+    fn registry_limit(&self, host: &str) -> Arc<Semaphore> {
+        let mut map = self
+            .inner
+            .per_registry
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        map.entry(host.to_string())
+            .or_insert_with(|| Arc::new(Semaphore::new(self.inner.config.max_per_registry.max(1))))
+            .clone()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Book> {
+        self.inner.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Remembers that `digest` exists in a destination repository.
+    fn remember(&self, host: &str, repo: &str, digest: &str) {
+        let mut st = self.lock();
+        if st.known.len() >= KNOWN_LIMIT {
+            st.known.clear();
+        }
+        st.known
+            .insert((host.to_string(), repo.to_string(), digest.to_string()));
+        st.holder
+            .insert((host.to_string(), digest.to_string()), repo.to_string());
+    }
+
+    /// Makes one blob present at the destination: skipped when known or present, mounted
+    /// when a sibling repository of the same registry has it, copied otherwise. Joins a
+    /// transfer of the same key already in flight.
+    pub async fn copy_blob(
+        &self,
+        req: BlobRequest,
+        progress: &ProgressSink,
+    ) -> Result<BlobOutcome, RegistryError> {
+        let host = req.destination.host().to_string();
+        let key: Key = (
+            host.clone(),
+            req.destination_repo.clone(),
+            req.digest.clone(),
+        );
+        let report = |state: BlobState| {
+            progress(&BlobProgress {
+                repository: format!("{host}/{}", req.destination_repo),
+                digest: req.digest.clone(),
+                size: req.size,
+                state,
+            })
+        };
+        let transfer = {
+            let mut st = self.lock();
+            if st.known.contains(&key) {
+                drop(st);
+                report(BlobState::Finished(Ok(BlobOutcome::Exists)));
+                return Ok(BlobOutcome::Exists);
+            }
+            let joined = st.in_flight.get(&key).and_then(Weak::upgrade);
+            match joined {
+                Some(t) => t,
+                None => {
+                    let digest_key = (host.clone(), req.digest.clone());
+                    let sibling = st
+                        .by_digest
+                        .get(&digest_key)
+                        .and_then(Weak::upgrade)
+                        .filter(|t| t.repo != req.destination_repo);
+                    let holder = st
+                        .holder
+                        .get(&digest_key)
+                        .filter(|r| **r != req.destination_repo)
+                        .cloned();
+                    let t = self.spawn(req.clone(), key.clone(), sibling, holder);
+                    st.in_flight.insert(key.clone(), Arc::downgrade(&t));
+                    st.by_digest.insert(digest_key, Arc::downgrade(&t));
+                    t
+                }
+            }
+        };
+        watch_until_done(&transfer, &report).await
+    }
+
+    fn spawn(
+        &self,
+        req: BlobRequest,
+        key: Key,
+        sibling: Option<Arc<Transfer>>,
+        holder: Option<String>,
+    ) -> Arc<Transfer> {
+        let (tx, rx) = watch::channel(BlobState::Waiting);
+        let tx = Arc::new(tx);
+        let engine = self.clone();
+        let repo = req.destination_repo.clone();
+        let handle = tokio::spawn(async move {
+            let mut mount_from = holder;
+            if let Some(sib) = sibling {
+                // Same digest on its way into a sibling repository: wait, then mount from it.
+                let _ = tx.send(BlobState::Waiting);
+                if watch_until_done(&sib, &|_| {}).await.is_ok() {
+                    mount_from = Some(sib.repo.clone());
+                }
+            }
+            let result = blob::run(&engine, &req, mount_from.as_deref(), &tx).await;
+            if result.is_ok() {
+                engine.remember(&key.0, &key.1, &key.2);
+            }
+            engine.forget(&key);
+            // Receivers may all be gone; that is fine.
+            let _ = tx.send(BlobState::Finished(result));
+        });
+        Arc::new(Transfer {
+            state: rx,
+            repo,
+            abort: handle.abort_handle(),
+        })
+    }
+
+    /// Drops the in-flight entries of a finished transfer.
+    fn forget(&self, key: &Key) {
+        let mut st = self.lock();
+        st.in_flight.remove(key);
+        let digest_key = (key.0.clone(), key.2.clone());
+        if st
+            .by_digest
+            .get(&digest_key)
+            .and_then(Weak::upgrade)
+            .is_none_or(|t| t.repo == key.1)
+        {
+            st.by_digest.remove(&digest_key);
+        }
+    }
+
+    /// Permits for a transfer between two registries: global first, then per registry in
+    /// name order, so two transfers never wait on each other's registry permit.
+    async fn permits(&self, a: &str, b: &str) -> Permits {
+        let mut held = Vec::new();
+        if let Ok(p) = self.inner.global.clone().acquire_owned().await {
+            held.push(p);
+        }
+        let mut hosts = vec![a.to_string(), b.to_string()];
+        hosts.sort();
+        hosts.dedup();
+        for h in hosts {
+            if let Ok(p) = self.registry_limit(&h).acquire_owned().await {
+                held.push(p);
+            }
+        }
+        Permits { _held: held }
+    }
+}
+
+/// The global permit and per-registry permits of one running transfer; released on drop.
+struct Permits {
+    _held: Vec<tokio::sync::OwnedSemaphorePermit>,
+}
+
+/// Forwards a transfer's states to `report` until it finishes.
+async fn watch_until_done(
+    transfer: &Transfer,
+    report: &(dyn Fn(BlobState) + Sync),
+) -> Result<BlobOutcome, RegistryError> {
+    let mut rx = transfer.state.clone();
+    loop {
+        let state = rx.borrow_and_update().clone();
+        report(state.clone());
+        if let BlobState::Finished(result) = state {
+            return result;
+        }
+        if rx.changed().await.is_err() {
+            // The sender is gone without a final state: the task was aborted or panicked.
+            let last = rx.borrow().clone();
+            if let BlobState::Finished(result) = last {
+                return result;
+            }
+            return Err(RegistryError::Transport {
+                what: "blob transfer".into(),
+                detail: "cancelled".into(),
+            });
+        }
+    }
+}

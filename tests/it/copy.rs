@@ -1,0 +1,268 @@
+//! `imagemirror mirror` between two real registries: the first real copy.
+
+use crate::support::{Flavor, RegistryConfig, Seeder, TestRegistry, mirror_cli, mirror_doc};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn copies_oci_and_docker_images_byte_identical() {
+    let (src, dst) = (TestRegistry::start(), TestRegistry::start());
+    let s = Seeder::new(src.host());
+    let oci = s
+        .push_image(
+            "team/app",
+            Some("1.0-oci"),
+            1,
+            &[300_000, 70_000],
+            Flavor::Oci,
+        )
+        .await;
+    let docker = s
+        .push_image(
+            "team/app",
+            Some("1.0-docker"),
+            2,
+            &[150_000],
+            Flavor::Docker,
+        )
+        .await;
+    let dir = tempfile::tempdir().unwrap();
+    let doc = mirror_doc(
+        "app",
+        src.host(),
+        "team/app",
+        dst.host(),
+        "mirror/app",
+        "  tags:\n    names: [\"1.0-oci\", \"1.0-docker\"]\n",
+    );
+    let (code, stdout, stderr) = mirror_cli(dir.path(), &doc, &[]);
+    assert_eq!(code, 0, "stdout:\n{stdout}\nstderr:\n{stderr}");
+    let d = Seeder::new(dst.host());
+    d.assert_copy_of("mirror/app", "1.0-oci", &oci).await;
+    d.assert_copy_of("mirror/app", "1.0-docker", &docker).await;
+    assert!(stdout.contains("Copied"), "{stdout}");
+
+    // A second run finds everything in place and writes nothing.
+    let (code, stdout, _) = mirror_cli(dir.path(), &doc, &["--output", "json"]);
+    assert_eq!(code, 0);
+    let rows: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    let states: Vec<&str> = rows
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["state"].as_str().unwrap())
+        .collect();
+    assert_eq!(states, ["UpToDate", "UpToDate"], "{stdout}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_tag_fails_by_name_and_the_others_still_copy() {
+    let (src, dst) = (TestRegistry::start(), TestRegistry::start());
+    let s = Seeder::new(src.host());
+    let good = s
+        .push_image("app", Some("good"), 3, &[50_000], Flavor::Oci)
+        .await;
+    let dir = tempfile::tempdir().unwrap();
+    let doc = mirror_doc(
+        "app",
+        src.host(),
+        "app",
+        dst.host(),
+        "app",
+        "  tags:\n    names: [\"good\", \"gone\"]\n",
+    );
+    let (code, stdout, stderr) = mirror_cli(dir.path(), &doc, &["--output", "json"]);
+    assert_eq!(
+        code, 1,
+        "a failed tag must fail the run\n{stdout}\n{stderr}"
+    );
+    let rows: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    let gone = rows
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["item"] == "gone")
+        .expect("row for gone");
+    assert_eq!(gone["state"], "Failed");
+    assert_eq!(gone["reason"], "NotFound");
+    assert!(
+        gone["message"].as_str().unwrap().contains("app:gone"),
+        "{gone}"
+    );
+    Seeder::new(dst.host())
+        .assert_copy_of("app", "good", &good)
+        .await;
+    assert!(
+        Seeder::new(dst.host())
+            .get_manifest("app", "gone")
+            .await
+            .is_none()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn multi_arch_indexes_copy_whole_or_filtered() {
+    let (src, dst) = (TestRegistry::start(), TestRegistry::start());
+    let s = Seeder::new(src.host());
+    let (oci_index, _) = s
+        .push_index(
+            "multi",
+            "oci",
+            4,
+            &["linux/amd64", "linux/arm64", "linux/arm/v7"],
+            Flavor::Oci,
+        )
+        .await;
+    let (docker_list, children) = s
+        .push_index(
+            "multi",
+            "docker",
+            5,
+            &["linux/amd64", "linux/arm64"],
+            Flavor::Docker,
+        )
+        .await;
+    let dir = tempfile::tempdir().unwrap();
+    let doc = mirror_doc(
+        "multi",
+        src.host(),
+        "multi",
+        dst.host(),
+        "whole",
+        "  tags:\n    names: [oci, docker]\n",
+    );
+    let filtered = mirror_doc(
+        "arm",
+        src.host(),
+        "multi",
+        dst.host(),
+        "arm",
+        "  tags:\n    names: [docker]\n  platforms: [linux/arm64]\n",
+    );
+    let (code, stdout, stderr) = mirror_cli(
+        dir.path(),
+        &format!("{doc}---\n{filtered}"),
+        &["--output", "json"],
+    );
+    assert_eq!(code, 0, "{stdout}\n{stderr}");
+    let d = Seeder::new(dst.host());
+    d.assert_copy_of("whole", "oci", &oci_index).await;
+    d.assert_copy_of("whole", "docker", &docker_list).await;
+
+    let (ct, bytes) = d
+        .get_manifest("arm", "docker")
+        .await
+        .expect("filtered index");
+    assert_eq!(ct, docker_list.media_type);
+    assert_ne!(
+        bytes, docker_list.bytes,
+        "a filtered index is a new document"
+    );
+    let index: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+    let entries = index["manifests"].as_array().unwrap();
+    assert_eq!(entries.len(), 1);
+    assert_eq!(entries[0]["platform"]["architecture"], "arm64");
+    assert_eq!(entries[0]["digest"], children[1].digest.as_str());
+    d.assert_copy_of("arm", &children[1].digest, &children[1])
+        .await;
+    assert!(
+        d.get_manifest("arm", &children[0].digest).await.is_none(),
+        "amd64 must not be copied"
+    );
+    let rows: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    let arm = rows
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["mirror"] == "test/arm")
+        .unwrap();
+    assert_eq!(arm["sourceDigest"], docker_list.digest.as_str());
+    assert_eq!(
+        arm["destinationDigest"],
+        imagemirror::registry::digest::sha256_digest(&bytes).as_str()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn basic_auth_from_the_auth_file_and_a_named_failure_for_wrong_credentials() {
+    let src = TestRegistry::start();
+    let dst = TestRegistry::start_with(RegistryConfig {
+        htpasswd: Some(("mirror".into(), "s3cret-pass".into())),
+    });
+    let image = Seeder::new(src.host())
+        .push_image("app", Some("v1"), 6, &[10_000], Flavor::Docker)
+        .await;
+    let dir = tempfile::tempdir().unwrap();
+    let doc = mirror_doc(
+        "app",
+        src.host(),
+        "app",
+        dst.host(),
+        "app",
+        "  tags:\n    names: [v1]\n",
+    );
+    let auth = |pass: &str| {
+        use base64::Engine;
+        let token = base64::engine::general_purpose::STANDARD.encode(format!("mirror:{pass}"));
+        format!(r#"{{"auths":{{"{}":{{"auth":"{token}"}}}}}}"#, dst.host())
+    };
+    let bad = dir.path().join("bad.json");
+    std::fs::write(&bad, auth("wrong")).unwrap();
+    let (code, stdout, stderr) = mirror_cli(
+        dir.path(),
+        &doc,
+        &["--output", "json", "--auth-file", bad.to_str().unwrap()],
+    );
+    assert_eq!(code, 1);
+    assert!(stdout.contains("\"reason\": \"AuthFailed\""), "{stdout}");
+    assert!(
+        !stdout.contains("wrong") && !stderr.contains("wrong"),
+        "a password leaked:\n{stdout}\n{stderr}"
+    );
+
+    let good = dir.path().join("good.json");
+    std::fs::write(&good, auth("s3cret-pass")).unwrap();
+    let (code, stdout, stderr) =
+        mirror_cli(dir.path(), &doc, &["--auth-file", good.to_str().unwrap()]);
+    assert_eq!(code, 0, "{stdout}\n{stderr}");
+    Seeder::new(dst.host())
+        .with_basic("mirror", "s3cret-pass")
+        .assert_copy_of("app", "v1", &image)
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dry_run_plans_from_the_tag_list_and_writes_nothing() {
+    let (src, dst) = (TestRegistry::start(), TestRegistry::start());
+    let s = Seeder::new(src.host());
+    for (i, tag) in ["1.0.0", "1.1.0", "1.2.0-rc1", "2.0.0", "latest"]
+        .iter()
+        .enumerate()
+    {
+        s.push_image("app", Some(tag), 10 + i as u64, &[1000], Flavor::Oci)
+            .await;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let doc = mirror_doc(
+        "app",
+        src.host(),
+        "app",
+        dst.host(),
+        "app",
+        "  tags:\n    include: [\"1.*\"]\n    exclude: [\"*-rc*\"]\n",
+    );
+    let (code, stdout, stderr) = mirror_cli(dir.path(), &doc, &["--dry-run", "--output", "json"]);
+    assert_eq!(code, 0, "{stdout}\n{stderr}");
+    let rows: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    let planned: Vec<&str> = rows
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["item"].as_str().unwrap())
+        .collect();
+    assert_eq!(planned, ["1.0.0", "1.1.0"]);
+    assert!(
+        Seeder::new(dst.host())
+            .get_manifest("app", "1.0.0")
+            .await
+            .is_none()
+    );
+}

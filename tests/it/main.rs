@@ -1,0 +1,5 @@
+//! Integration tests, one binary: real registries (`docker-registry`) started per test.
+
+mod copy;
+mod crd;
+mod support;

@@ -1,0 +1,297 @@
+//! Seeds registries with synthetic images through the plain HTTP API, and reads them back.
+
+use rand::{RngCore, SeedableRng};
+use reqwest::header::{ACCEPT, CONTENT_TYPE, LOCATION};
+use serde_json::json;
+
+use imagemirror::registry::digest::sha256_digest;
+use imagemirror::registry::manifest::{DOCKER_LIST, DOCKER_MANIFEST, OCI_INDEX, OCI_MANIFEST};
+
+/// A blob, a manifest or an index as pushed.
+#[derive(Clone, Debug)]
+pub struct Pushed {
+    pub digest: String,
+    pub media_type: String,
+    pub bytes: Vec<u8>,
+    /// Every blob the manifest (or its children) refers to: (digest, size).
+    pub blobs: Vec<(String, u64)>,
+}
+
+/// Which family of media types to use.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Flavor {
+    Oci,
+    Docker,
+}
+
+/// Plain-HTTP access to one registry, optionally with basic credentials.
+#[derive(Clone)]
+pub struct Seeder {
+    http: reqwest::Client,
+    host: String,
+    basic: Option<(String, String)>,
+}
+
+/// Deterministic pseudo-random bytes (incompressible, reproducible).
+pub fn random_bytes(seed: u64, len: usize) -> Vec<u8> {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut v = vec![0u8; len];
+    rng.fill_bytes(&mut v);
+    v
+}
+
+impl Seeder {
+    pub fn new(host: &str) -> Self {
+        imagemirror::install_crypto_provider();
+        Seeder {
+            http: reqwest::Client::new(),
+            host: host.to_string(),
+            basic: None,
+        }
+    }
+
+    pub fn with_basic(mut self, user: &str, pass: &str) -> Self {
+        self.basic = Some((user.into(), pass.into()));
+        self
+    }
+
+    fn req(&self, method: reqwest::Method, url: &str) -> reqwest::RequestBuilder {
+        let r = self.http.request(method, url);
+        match &self.basic {
+            Some((u, p)) => r.basic_auth(u, Some(p)),
+            None => r,
+        }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.host)
+    }
+
+    pub async fn push_blob(&self, repo: &str, bytes: &[u8]) -> (String, u64) {
+        let digest = sha256_digest(bytes);
+        let resp = self
+            .req(
+                reqwest::Method::POST,
+                &self.url(&format!("/v2/{repo}/blobs/uploads/")),
+            )
+            .send()
+            .await
+            .expect("POST upload");
+        assert_eq!(resp.status(), 202, "start upload in {repo}");
+        let loc = resp.headers()[LOCATION].to_str().unwrap().to_string();
+        let loc = if loc.starts_with("http") {
+            loc
+        } else {
+            self.url(&loc)
+        };
+        let sep = if loc.contains('?') { '&' } else { '?' };
+        let resp = self
+            .req(reqwest::Method::PUT, &format!("{loc}{sep}digest={digest}"))
+            .header(CONTENT_TYPE, "application/octet-stream")
+            .body(bytes.to_vec())
+            .send()
+            .await
+            .expect("PUT blob");
+        assert_eq!(resp.status(), 201, "finish upload of {digest}");
+        (digest, bytes.len() as u64)
+    }
+
+    pub async fn put_manifest(
+        &self,
+        repo: &str,
+        reference: &str,
+        media_type: &str,
+        bytes: &[u8],
+    ) -> String {
+        let resp = self
+            .req(
+                reqwest::Method::PUT,
+                &self.url(&format!("/v2/{repo}/manifests/{reference}")),
+            )
+            .header(CONTENT_TYPE, media_type)
+            .body(bytes.to_vec())
+            .send()
+            .await
+            .expect("PUT manifest");
+        let status = resp.status();
+        assert_eq!(
+            status,
+            201,
+            "PUT manifest {repo}:{reference}: {}",
+            resp.text().await.unwrap_or_default()
+        );
+        sha256_digest(bytes)
+    }
+
+    /// Pushes an image with random layers of the given sizes; tags it when `tag` is given.
+    pub async fn push_image(
+        &self,
+        repo: &str,
+        tag: Option<&str>,
+        seed: u64,
+        layer_sizes: &[usize],
+        flavor: Flavor,
+    ) -> Pushed {
+        let config = json!({"architecture": "amd64", "os": "linux", "seed": seed}).to_string();
+        let (config_digest, config_size) = self.push_blob(repo, config.as_bytes()).await;
+        let mut layers = Vec::new();
+        for (i, size) in layer_sizes.iter().enumerate() {
+            let bytes = random_bytes(seed * 1000 + i as u64, *size);
+            layers.push(self.push_blob(repo, &bytes).await);
+        }
+        self.push_manifest_for(repo, tag, (config_digest, config_size), layers, flavor)
+            .await
+    }
+
+    /// Pushes a manifest for blobs already in `repo`.
+    pub async fn push_manifest_for(
+        &self,
+        repo: &str,
+        tag: Option<&str>,
+        config: (String, u64),
+        layers: Vec<(String, u64)>,
+        flavor: Flavor,
+    ) -> Pushed {
+        let (mt, config_mt, layer_mt) = match flavor {
+            Flavor::Oci => (
+                OCI_MANIFEST,
+                "application/vnd.oci.image.config.v1+json",
+                "application/vnd.oci.image.layer.v1.tar+gzip",
+            ),
+            Flavor::Docker => (
+                DOCKER_MANIFEST,
+                "application/vnd.docker.container.image.v1+json",
+                "application/vnd.docker.image.rootfs.diff.tar.gzip",
+            ),
+        };
+        let manifest = json!({
+            "schemaVersion": 2,
+            "mediaType": mt,
+            "config": {"mediaType": config_mt, "digest": config.0, "size": config.1},
+            "layers": layers.iter().map(|(d, s)| json!({"mediaType": layer_mt, "digest": d, "size": s})).collect::<Vec<_>>(),
+        });
+        let bytes = serde_json::to_vec_pretty(&manifest).unwrap();
+        let digest = sha256_digest(&bytes);
+        self.put_manifest(repo, tag.unwrap_or(&digest), mt, &bytes)
+            .await;
+        let mut blobs = vec![config];
+        blobs.extend(layers);
+        Pushed {
+            digest,
+            media_type: mt.into(),
+            bytes,
+            blobs,
+        }
+    }
+
+    /// Pushes a multi-platform index over images (pushed by digest) and tags it.
+    pub async fn push_index(
+        &self,
+        repo: &str,
+        tag: &str,
+        seed: u64,
+        platforms: &[&str],
+        flavor: Flavor,
+    ) -> (Pushed, Vec<Pushed>) {
+        let mut children = Vec::new();
+        let mut entries = Vec::new();
+        for (i, p) in platforms.iter().enumerate() {
+            let child = self
+                .push_image(repo, None, seed * 10 + i as u64, &[2048 + i * 100], flavor)
+                .await;
+            let parts: Vec<&str> = p.split('/').collect();
+            let mut platform = json!({"os": parts[0], "architecture": parts[1]});
+            if let Some(v) = parts.get(2) {
+                platform["variant"] = json!(v);
+            }
+            entries.push(json!({"mediaType": child.media_type, "digest": child.digest, "size": child.bytes.len(), "platform": platform}));
+            children.push(child);
+        }
+        let mt = match flavor {
+            Flavor::Oci => OCI_INDEX,
+            Flavor::Docker => DOCKER_LIST,
+        };
+        let index = json!({"schemaVersion": 2, "mediaType": mt, "manifests": entries});
+        let bytes = serde_json::to_vec_pretty(&index).unwrap();
+        let digest = self.put_manifest(repo, tag, mt, &bytes).await;
+        let blobs = children.iter().flat_map(|c| c.blobs.clone()).collect();
+        (
+            Pushed {
+                digest,
+                media_type: mt.into(),
+                bytes,
+                blobs,
+            },
+            children,
+        )
+    }
+
+    /// GET a manifest: (content type, bytes), or `None` when absent.
+    pub async fn get_manifest(&self, repo: &str, reference: &str) -> Option<(String, Vec<u8>)> {
+        let resp = self
+            .req(
+                reqwest::Method::GET,
+                &self.url(&format!("/v2/{repo}/manifests/{reference}")),
+            )
+            .header(
+                ACCEPT,
+                [OCI_MANIFEST, OCI_INDEX, DOCKER_MANIFEST, DOCKER_LIST].join(", "),
+            )
+            .send()
+            .await
+            .expect("GET manifest");
+        if resp.status() == 404 {
+            return None;
+        }
+        assert!(
+            resp.status().is_success(),
+            "GET manifest {repo}:{reference}: {}",
+            resp.status()
+        );
+        let ct = resp.headers()[CONTENT_TYPE].to_str().unwrap().to_string();
+        Some((ct, resp.bytes().await.unwrap().to_vec()))
+    }
+
+    /// Asserts a blob exists with this size (HEAD) and that its bytes hash to its digest (GET).
+    pub async fn assert_blob(&self, repo: &str, digest: &str, size: u64) {
+        let url = self.url(&format!("/v2/{repo}/blobs/{digest}"));
+        let head = self
+            .req(reqwest::Method::HEAD, &url)
+            .send()
+            .await
+            .expect("HEAD blob");
+        assert_eq!(head.status(), 200, "blob {digest} missing in {repo}");
+        // reqwest's content_length() is the body's (empty) size on a HEAD: read the header.
+        let len = head
+            .headers()
+            .get(reqwest::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+        assert_eq!(len, Some(size), "size of {digest} in {repo}");
+        let body = self
+            .req(reqwest::Method::GET, &url)
+            .send()
+            .await
+            .expect("GET blob")
+            .bytes()
+            .await
+            .unwrap();
+        assert_eq!(
+            sha256_digest(&body),
+            digest,
+            "content of {digest} in {repo}"
+        );
+    }
+
+    /// Asserts the destination holds `pushed` byte-identical under `reference`, with every blob.
+    pub async fn assert_copy_of(&self, repo: &str, reference: &str, pushed: &Pushed) {
+        let (ct, bytes) = self
+            .get_manifest(repo, reference)
+            .await
+            .unwrap_or_else(|| panic!("{repo}:{reference} missing at the destination"));
+        assert_eq!(ct, pushed.media_type, "media type of {repo}:{reference}");
+        assert_eq!(bytes, pushed.bytes, "manifest bytes of {repo}:{reference}");
+        for (d, s) in &pushed.blobs {
+            self.assert_blob(repo, d, *s).await;
+        }
+    }
+}

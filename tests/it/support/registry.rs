@@ -1,0 +1,127 @@
+//! A real CNCF distribution registry (`docker-registry`) on 127.0.0.1 with an ephemeral port and
+//! its own storage, stopped on drop.
+
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// A running registry.
+pub struct TestRegistry {
+    child: Child,
+    host: String,
+    _dir: tempfile::TempDir,
+}
+
+/// Optional settings.
+#[derive(Default, Clone)]
+pub struct RegistryConfig {
+    /// htpasswd basic auth with this user and password.
+    pub htpasswd: Option<(String, String)>,
+}
+
+fn binary() -> PathBuf {
+    std::env::var_os("IMAGEMIRROR_TEST_REGISTRY_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/usr/bin/docker-registry"))
+}
+
+fn free_port() -> u16 {
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
+    l.local_addr().expect("local addr").port()
+}
+
+impl TestRegistry {
+    /// An anonymous registry.
+    pub fn start() -> Self {
+        Self::start_with(RegistryConfig::default())
+    }
+
+    /// A registry with the given settings. Panics (test harness) when it cannot start.
+    pub fn start_with(config: RegistryConfig) -> Self {
+        let mut last_err = String::new();
+        // The port is free when picked but may be taken before the registry binds it: retry.
+        for _ in 0..5 {
+            match Self::try_start(&config) {
+                Ok(r) => return r,
+                Err(e) => last_err = e,
+            }
+        }
+        panic!("docker-registry did not start: {last_err}");
+    }
+
+    fn try_start(config: &RegistryConfig) -> Result<Self, String> {
+        let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+        let port = free_port();
+        let host = format!("127.0.0.1:{port}");
+        let mut auth = String::new();
+        if let Some((user, pass)) = &config.htpasswd {
+            let out = Command::new("htpasswd")
+                .args(["-Bbn", user, pass])
+                .output()
+                .map_err(|e| format!("htpasswd (apache2-utils) not runnable: {e}"))?;
+            let path = dir.path().join("htpasswd");
+            std::fs::write(&path, &out.stdout).map_err(|e| e.to_string())?;
+            auth = format!(
+                "auth:\n  htpasswd:\n    realm: test-realm\n    path: {}\n",
+                path.display()
+            );
+        }
+        let config_text = format!(
+            "version: 0.1\nlog:\n  level: error\n  accesslog:\n    disabled: true\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\n  maintenance:\n    uploadpurging:\n      enabled: false\nhttp:\n  addr: {host}\n  secret: imagemirror-test-secret\n{auth}",
+            dir.path().join("data").display()
+        );
+        let config_path = dir.path().join("config.yml");
+        std::fs::write(&config_path, config_text).map_err(|e| e.to_string())?;
+        let log =
+            std::fs::File::create(dir.path().join("registry.log")).map_err(|e| e.to_string())?;
+        let mut child = Command::new(binary())
+            .arg("serve")
+            .arg(&config_path)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .map_err(|e| format!("{}: {e} (run scripts/install-deps.sh)", binary().display()))?;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                let log =
+                    std::fs::read_to_string(dir.path().join("registry.log")).unwrap_or_default();
+                return Err(format!("exited with {status}: {log}"));
+            }
+            if let Ok(mut s) = std::net::TcpStream::connect(&host) {
+                use std::io::{Read, Write};
+                let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+                let req = format!("GET /v2/ HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
+                let mut buf = [0u8; 32];
+                if s.write_all(req.as_bytes()).is_ok()
+                    && s.read(&mut buf).is_ok_and(|n| n >= 12)
+                    && (buf.starts_with(b"HTTP/1.1 200") || buf.starts_with(b"HTTP/1.1 401"))
+                {
+                    return Ok(TestRegistry {
+                        child,
+                        host,
+                        _dir: dir,
+                    });
+                }
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                return Err("no answer on /v2/ within 20 s".into());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// `127.0.0.1:port`.
+    pub fn host(&self) -> &str {
+        &self.host
+    }
+}
+
+impl Drop for TestRegistry {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
