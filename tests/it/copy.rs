@@ -266,3 +266,67 @@ async fn dry_run_plans_from_the_tag_list_and_writes_nothing() {
             .is_none()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn twenty_mirrors_sharing_a_base_layer_pull_it_once_and_mount_the_rest() {
+    let (src, dst) = (TestRegistry::start(), TestRegistry::start());
+    let s = Seeder::new(src.host());
+    let base = crate::support::image::random_bytes(99, 400_000);
+    let mut docs = Vec::new();
+    let mut images = Vec::new();
+    let mut base_digest = String::new();
+    for i in 0..20u64 {
+        let repo = format!("src/app-{i}");
+        let (d, size) = s.push_blob(&repo, &base).await;
+        base_digest = d.clone();
+        let own = s
+            .push_blob(&repo, &crate::support::image::random_bytes(200 + i, 1000))
+            .await;
+        let config = s
+            .push_blob(&repo, format!("{{\"app\":{i}}}").as_bytes())
+            .await;
+        let image = s
+            .push_manifest_for(&repo, Some("v1"), config, vec![(d, size), own], Flavor::Oci)
+            .await;
+        images.push(image);
+        docs.push(mirror_doc(
+            &format!("app-{i}"),
+            src.host(),
+            &repo,
+            dst.host(),
+            &format!("dst/app-{i}"),
+            "  tags:\n    names: [v1]\n",
+        ));
+    }
+    let before = src.requests().len();
+    let dir = tempfile::tempdir().unwrap();
+    let (code, stdout, stderr) = mirror_cli(dir.path(), &docs.join("---\n"), &[]);
+    assert_eq!(code, 0, "{stdout}\n{stderr}");
+    let requests = src.requests();
+    let base_gets = requests[before..]
+        .iter()
+        .filter(|r| r.starts_with("GET ") && r.ends_with(&format!("/blobs/{base_digest}")))
+        .count();
+    assert_eq!(
+        base_gets,
+        1,
+        "the shared layer must be read from the source once:\n{:#?}",
+        &requests[before..]
+    );
+    let mounts = dst
+        .requests()
+        .iter()
+        .filter(|r| {
+            r.starts_with("POST ")
+                && r.contains(&format!("mount={}", base_digest.replace(':', "%3A")))
+        })
+        .count();
+    assert_eq!(
+        mounts, 19,
+        "the other 19 repositories get the layer by mount"
+    );
+    let d = Seeder::new(dst.host());
+    for (i, image) in images.iter().enumerate() {
+        d.assert_copy_of(&format!("dst/app-{i}"), "v1", image).await;
+    }
+}

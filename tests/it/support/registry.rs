@@ -3,7 +3,7 @@
 
 use std::net::TcpListener;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 /// A running registry.
@@ -68,17 +68,19 @@ impl TestRegistry {
             );
         }
         let config_text = format!(
-            "version: 0.1\nlog:\n  level: error\n  accesslog:\n    disabled: true\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\n  maintenance:\n    uploadpurging:\n      enabled: false\nhttp:\n  addr: {host}\n  secret: imagemirror-test-secret\n{auth}",
+            "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\n  maintenance:\n    uploadpurging:\n      enabled: false\nhttp:\n  addr: {host}\n  secret: imagemirror-test-secret\n{auth}",
             dir.path().join("data").display()
         );
         let config_path = dir.path().join("config.yml");
         std::fs::write(&config_path, config_text).map_err(|e| e.to_string())?;
         let log =
             std::fs::File::create(dir.path().join("registry.log")).map_err(|e| e.to_string())?;
+        let access =
+            std::fs::File::create(dir.path().join("access.log")).map_err(|e| e.to_string())?;
         let mut child = Command::new(binary())
             .arg("serve")
             .arg(&config_path)
-            .stdout(Stdio::null())
+            .stdout(access)
             .stderr(log)
             .spawn()
             .map_err(|e| format!("{}: {e} (run scripts/install-deps.sh)", binary().display()))?;
@@ -116,6 +118,39 @@ impl TestRegistry {
     /// `127.0.0.1:port`.
     pub fn host(&self) -> &str {
         &self.host
+    }
+
+    /// Every request the registry has answered, as `METHOD /path?query`, from its access log.
+    /// A sentinel request is sent and awaited first, so everything answered before the call is
+    /// in the list.
+    pub fn requests(&self) -> Vec<String> {
+        let sentinel = format!("/v2/?sentinel={}", rand::random::<u64>());
+        if let Ok(mut s) = std::net::TcpStream::connect(&self.host) {
+            use std::io::{Read, Write};
+            let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+            let req = format!(
+                "GET {sentinel} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n",
+                self.host
+            );
+            let mut sink = Vec::new();
+            let _ = s
+                .write_all(req.as_bytes())
+                .and_then(|_| s.read_to_end(&mut sink));
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let log =
+                std::fs::read_to_string(self._dir.path().join("access.log")).unwrap_or_default();
+            if log.contains(&sentinel) || Instant::now() > deadline {
+                return log
+                    .lines()
+                    .filter_map(|l| l.split('"').nth(1))
+                    .filter_map(|r| r.rsplit_once(' ').map(|(req, _proto)| req.to_string()))
+                    .filter(|r| !r.contains("sentinel="))
+                    .collect();
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 }
 
