@@ -2,4 +2,5 @@
 
 mod copy;
 mod crd;
+mod faults;
 mod support;
