@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Patch, PatchParams};
 use kube::runtime::controller::Action;
@@ -127,9 +128,6 @@ pub async fn reconcile(obj: Arc<ImageMirror>, ctx: Arc<Context>) -> Result<Actio
             result: label.into(),
         })
         .inc();
-    if result.is_ok() {
-        ctx.reset_backoff(&key);
-    }
     result
 }
 
@@ -230,10 +228,11 @@ async fn reconcile_inner(
     let mut versions = src.versions.clone();
     versions.extend(dst.versions.iter().cloned());
     let first_visit = prev.observed_generation != generation || prev.conditions.is_empty();
-    let ready = condition(&prev, types::READY).is_some_and(|c| c.status == "True");
     let next_due = prev.next_sync_time.as_ref().map(|t| t.0);
     let secrets_changed = ctx.secret_versions(key).as_ref() != Some(&versions);
-    let due = first_visit || !ready || secrets_changed || next_due.is_none_or(|t| t <= now);
+    // Failed syncs set nextSyncTime to their backoff, so "not Ready" alone is no reason to
+    // sync again: that would turn every status write (ours included) into a retry storm.
+    let due = first_visit || secrets_changed || next_due.is_none_or(|t| t <= now);
     if !due {
         // Woken by our own status write or a resync of the watch: nothing to do yet.
         let wait = next_due
@@ -242,6 +241,7 @@ async fn reconcile_inner(
         return Ok(Action::requeue(wait.max(Duration::from_secs(1))));
     }
 
+    ctx.set_secret_versions(key, versions);
     let mut base = prev.clone();
     if first_visit {
         base = status::progressing(&prev, generation, now);
@@ -363,7 +363,8 @@ async fn reconcile_inner(
                 generation,
                 now,
             );
-            s.last_sync_time = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(now));
+            s.last_sync_time = Some(Time(now));
+            s.next_sync_time = Some(Time(add(now, retry_delay(ctx, key, valid.interval))));
             write_status(&api, name, &s).await?;
             event(ctx, obj, EventType::Warning, "SyncFailed", e.to_string()).await;
             return Err(ReconcileError::Sync {
@@ -371,6 +372,12 @@ async fn reconcile_inner(
                 reason,
             });
         }
+    };
+    let next_in = if report.failed() > 0 {
+        retry_delay(ctx, key, valid.interval)
+    } else {
+        ctx.reset_backoff(key);
+        next_in
     };
     let new = status::synced(&base, generation, &report, now, add(now, next_in));
     // Events only for what changed, so a steady mirror does not fill the event log.
@@ -415,7 +422,6 @@ async fn reconcile_inner(
     ctx.metrics
         .set_mirror_tags(key, Some((report.items.len() as i64 - failed, failed)));
     write_status(&api, name, &new).await?;
-    ctx.set_secret_versions(key, versions);
     Ok(Action::requeue(next_in))
 }
 
@@ -437,14 +443,23 @@ fn metrics_sink(ctx: &Context) -> ProgressSink {
     })
 }
 
-/// Backoff after a failed reconcile: 5 s doubling per consecutive failure, capped at 5 min,
-/// with jitter.
+/// Backoff for the `n`th consecutive failure (from 0): 5 s doubling, capped at `cap` and at
+/// 5 min, with jitter.
+fn backoff(n: u32, cap: Duration) -> Duration {
+    let d = Duration::from_secs(5).saturating_mul(1 << n.min(6));
+    jittered(d.min(cap).min(Duration::from_secs(300)))
+}
+
+/// When to try again after a sync with failures: the per-object backoff, never later than the
+/// regular interval.
+fn retry_delay(ctx: &Context, key: &str, interval: Duration) -> Duration {
+    backoff(ctx.bump_backoff(key), interval)
+}
+
+/// The error policy kube-runtime calls: per-object exponential backoff.
 pub fn error_policy(obj: Arc<ImageMirror>, err: &ReconcileError, ctx: Arc<Context>) -> Action {
     let key = format!("{}/{}", obj.namespace().unwrap_or_default(), obj.name_any());
-    let n = ctx.bump_backoff(&key);
-    let base = Duration::from_secs(5)
-        .saturating_mul(1 << n.min(6))
-        .min(Duration::from_secs(300));
-    tracing::warn!(mirror = key, error = %err, retry_in = ?base, "reconcile failed");
-    Action::requeue(jittered(base))
+    let delay = backoff(ctx.bump_backoff(&key), Duration::from_secs(300));
+    tracing::warn!(mirror = key, error = %err, retry_in = ?delay, "reconcile failed");
+    Action::requeue(delay)
 }
