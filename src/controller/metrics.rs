@@ -1,7 +1,6 @@
 //! Prometheus metrics and the admin server (`/metrics`, `/healthz`, `/readyz`).
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -159,7 +158,7 @@ struct AdminState {
 /// Serves `/metrics`, `/healthz` and `/readyz` until `shutdown` resolves. `/readyz` answers
 /// 200 once `ready` is set — also on replicas that are not the leader, so rollouts proceed.
 pub async fn serve(
-    addr: SocketAddr,
+    listener: tokio::net::TcpListener,
     metrics: Arc<Metrics>,
     engine: Engine,
     ready: Arc<AtomicBool>,
@@ -174,8 +173,9 @@ pub async fn serve(
             engine,
             ready,
         });
-    let listener = tokio::net::TcpListener::bind(addr).await?;
-    tracing::info!(%addr, "admin server listening");
+    if let Ok(addr) = listener.local_addr() {
+        tracing::info!(%addr, "admin server listening");
+    }
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
         .await

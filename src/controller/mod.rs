@@ -161,10 +161,9 @@ pub async fn run(
     let metrics = Arc::new(Metrics::new());
     let ready = Arc::new(AtomicBool::new(false));
     if let Some(addr) = config.metrics_addr {
-        let listener_check = tokio::net::TcpListener::bind(addr)
+        let listener = tokio::net::TcpListener::bind(addr)
             .await
             .map_err(|source| ControllerError::Admin { addr, source })?;
-        drop(listener_check);
         let (m, e, r, stop) = (
             metrics.clone(),
             engine.clone(),
@@ -172,7 +171,7 @@ pub async fn run(
             stopped(stop_rx.clone()),
         );
         tokio::spawn(async move {
-            if let Err(err) = metrics::serve(addr, m, e, r, stop).await {
+            if let Err(err) = metrics::serve(listener, m, e, r, stop).await {
                 tracing::error!(%addr, error = %err, "admin server stopped");
             }
         });
