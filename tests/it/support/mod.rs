@@ -3,6 +3,7 @@
 pub mod image;
 pub mod proxy;
 pub mod registry;
+pub mod token;
 
 use std::path::Path;
 use std::process::Output;

@@ -6,6 +6,8 @@ use std::path::PathBuf;
 use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
+use super::token::TokenAuth;
+
 /// A running registry.
 pub struct TestRegistry {
     child: Child,
@@ -18,6 +20,8 @@ pub struct TestRegistry {
 pub struct RegistryConfig {
     /// htpasswd basic auth with this user and password.
     pub htpasswd: Option<(String, String)>,
+    /// `auth: token`: clients get bearer tokens from this token server.
+    pub token: Option<TokenAuth>,
 }
 
 fn binary() -> PathBuf {
@@ -65,6 +69,17 @@ impl TestRegistry {
             auth = format!(
                 "auth:\n  htpasswd:\n    realm: test-realm\n    path: {}\n",
                 path.display()
+            );
+        }
+        if let Some(token) = &config.token {
+            let bundle = dir.path().join("token-roots.pem");
+            std::fs::write(&bundle, &token.root_cert_pem).map_err(|e| e.to_string())?;
+            auth = format!(
+                "auth:\n  token:\n    realm: {}\n    service: {}\n    issuer: {}\n    rootcertbundle: {}\n",
+                token.realm,
+                token.service,
+                token.issuer,
+                bundle.display()
             );
         }
         let config_text = format!(
