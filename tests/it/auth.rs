@@ -1,10 +1,13 @@
-//! Bearer token auth (`auth: token` registries and a real token server), through the real
-//! binary and the library.
+//! Bearer token auth (`auth: token` registries and a real token server) and TLS with a private
+//! CA, through the real binary and the library.
 
 use imagemirror::registry::{Credentials, RegistryClient, RegistryOptions};
 
+use crate::support::tls::TestCa;
 use crate::support::token::{TokenConfig, TokenServer};
-use crate::support::{Flavor, RegistryConfig, Seeder, TestRegistry, mirror_cli, mirror_doc};
+use crate::support::{
+    Flavor, RegistryConfig, Seeder, TestRegistry, mirror_cli, mirror_doc, mirror_doc_sides, side,
+};
 
 const USER: &str = "mirror";
 const PASS: &str = "t0ken-Pa55word";
@@ -367,4 +370,78 @@ async fn a_rejected_cached_token_is_renewed_once_and_a_second_rejection_is_auth_
     assert_eq!(err.reason(), "AuthFailed", "{err}");
     assert!(err.to_string().contains(reg.host()), "{err}");
     assert_eq!(tokens.count() - before, 2, "{:?}", tokens.requests());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_with_a_private_ca_needs_the_ca_or_skip_verify_and_fails_clearly_without() {
+    let ca = TestCa::new("imagemirror test CA");
+    let src = TestRegistry::start_with(RegistryConfig {
+        tls: Some(ca.server_cert("127.0.0.1")),
+        ..RegistryConfig::default()
+    });
+    let dst = TestRegistry::start();
+    assert!(src.base_url().starts_with("https://"));
+    let image = Seeder::new(src.host())
+        .with_ca(&ca.cert_pem)
+        .push_image("app", Some("v1"), 35, &[25_000], Flavor::Oci)
+        .await;
+    let dir = tempfile::tempdir().unwrap();
+    let ca_file = dir.path().join("ca.pem");
+    std::fs::write(&ca_file, &ca.cert_pem).unwrap();
+    let other_ca_file = dir.path().join("other-ca.pem");
+    std::fs::write(&other_ca_file, TestCa::new("someone else").cert_pem).unwrap();
+    let doc = |drepo: &str, source_settings: &[&str]| {
+        mirror_doc_sides(
+            drepo,
+            &side(src.host(), "app", source_settings),
+            &side(dst.host(), drepo, &["plainHTTP: true"]),
+            "  tags:\n    names: [v1]\n",
+        )
+    };
+    let https = ["plainHTTP: false"];
+    let d = Seeder::new(dst.host());
+
+    // Neither the system roots nor an unrelated CA vouch for the registry.
+    for extra in [vec![], vec!["--ca-file", other_ca_file.to_str().unwrap()]] {
+        let mut args = vec!["--output", "json"];
+        args.extend(extra);
+        let (code, stdout, stderr) = mirror_cli(dir.path(), &doc("untrusted", &https), &args);
+        assert_eq!(code, 1, "{stdout}\n{stderr}");
+        assert!(!stderr.contains("panicked"), "{stderr}");
+        let rows = rows(&stdout);
+        // Final at once (not retried), and saying what to do about it.
+        assert_eq!(rows[0]["reason"], "TLSError", "{stdout}");
+        let message = rows[0]["message"].as_str().unwrap();
+        assert!(
+            message.contains(src.host())
+                && message.contains("certificate is not trusted")
+                && message.contains("--ca-file"),
+            "{message}"
+        );
+        assert!(d.get_manifest("untrusted", "v1").await.is_none());
+    }
+
+    // HTTPS against a plain-HTTP registry says so too.
+    let plain_source = mirror_doc_sides(
+        "plain",
+        &side(dst.host(), "absent", &https),
+        &side(dst.host(), "plain", &["plainHTTP: true"]),
+        "  tags:\n    names: [v1]\n",
+    );
+    let (code, stdout, stderr) = mirror_cli(dir.path(), &plain_source, &["--output", "json"]);
+    assert_eq!(code, 1, "{stdout}\n{stderr}");
+    let rows = rows(&stdout);
+    assert_eq!(rows[0]["reason"], "TLSError", "{stdout}");
+    let message = rows[0]["message"].as_str().unwrap();
+    assert!(message.contains("plainHTTP: true"), "{message}");
+
+    let skip = ["plainHTTP: false", "insecureSkipTLSVerify: true"];
+    let (code, stdout, stderr) = mirror_cli(dir.path(), &doc("skip", &skip), &[]);
+    assert_eq!(code, 0, "{stdout}\n{stderr}");
+    d.assert_copy_of("skip", "v1", &image).await;
+
+    let args = ["--ca-file", ca_file.to_str().unwrap()];
+    let (code, stdout, stderr) = mirror_cli(dir.path(), &doc("trusted", &https), &args);
+    assert_eq!(code, 0, "{stdout}\n{stderr}");
+    d.assert_copy_of("trusted", "v1", &image).await;
 }

@@ -1,5 +1,5 @@
 //! Seeds registries with synthetic images through the registry HTTP API, and reads them back.
-//! Speaks basic auth and the bearer token dance like `docker push` does,.
+//! Speaks basic auth and the bearer token dance like `docker push` does, over HTTP or HTTPS.
 
 use rand::{RngCore, SeedableRng};
 use reqwest::header::{ACCEPT, CONTENT_TYPE, LOCATION, WWW_AUTHENTICATE};
@@ -27,7 +27,7 @@ pub enum Flavor {
     Docker,
 }
 
-/// Plain-HTTP access to one registry, optionally with credentials (sent as Basic, or traded for a bearer
+/// Access to one registry, optionally with credentials (sent as Basic, or traded for a bearer
 /// token when the registry's challenge asks for one).
 #[derive(Clone)]
 pub struct Seeder {
@@ -58,6 +58,17 @@ impl Seeder {
     /// Credentials: sent as Basic, or traded for bearer tokens when the registry wants those.
     pub fn with_basic(mut self, user: &str, pass: &str) -> Self {
         self.basic = Some((user.into(), pass.into()));
+        self
+    }
+
+    /// HTTPS, trusting only the test CA `ca_pem`.
+    pub fn with_ca(mut self, ca_pem: &str) -> Self {
+        let ca = reqwest::Certificate::from_pem(ca_pem.as_bytes()).expect("CA PEM");
+        self.http = reqwest::Client::builder()
+            .tls_certs_only([ca])
+            .build()
+            .expect("HTTPS client");
+        self.base = self.base.replacen("http://", "https://", 1);
         self
     }
 
