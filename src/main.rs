@@ -170,6 +170,9 @@ struct MirrorArgs {
     /// Docker config JSON with registry credentials [default: $DOCKER_CONFIG/config.json or ~/.docker/config.json].
     #[arg(long, env = "IMAGEMIRROR_AUTH_FILE")]
     auth_file: Option<PathBuf>,
+    /// PEM bundle of extra CA certificates trusted for every registry, in addition to the system roots.
+    #[arg(long)]
+    ca_file: Option<PathBuf>,
     /// Blob transfers at once across all registries.
     #[arg(long, default_value_t = 8)]
     concurrency: usize,
@@ -214,6 +217,7 @@ fn main() -> ExitCode {
                 files: m.files,
                 dry_run: m.dry_run,
                 auth_file: m.auth_file,
+                ca_file: m.ca_file,
                 concurrency: m.concurrency,
                 registry_concurrency: m.registry_concurrency,
                 output: m.output,

@@ -1,5 +1,6 @@
 //! Integration tests, one binary: real registries (`docker-registry`) started per test.
 
+mod auth;
 mod copy;
 mod crd;
 mod faults;
