@@ -155,8 +155,26 @@ async fn create_get_list_with_selectors_and_pages() {
         api_error(elsewhere.create(&pp, &mirror("x", "demo")).await),
         (404, "NotFound".into())
     );
-    let bad = api.get_opt("nope").await.unwrap();
-    assert!(bad.is_none());
+    assert!(api.get_opt("nope").await.unwrap().is_none());
+
+    // generateName, and dry runs that store nothing.
+    let mut generated = mirror("", "demo");
+    generated.metadata.name = None;
+    generated.metadata.generate_name = Some("gen-".into());
+    let g = api.create(&pp, &generated).await.unwrap();
+    assert!(
+        g.name_any().starts_with("gen-") && g.name_any().len() == 9,
+        "{}",
+        g.name_any()
+    );
+    let before = server.resource_version();
+    let dry = PostParams {
+        dry_run: true,
+        ..Default::default()
+    };
+    api.create(&dry, &mirror("dry", "demo")).await.unwrap();
+    assert!(api.get_opt("dry").await.unwrap().is_none());
+    assert_eq!(server.resource_version(), before);
 }
 
 #[tokio::test]
@@ -325,6 +343,35 @@ async fn stale_resource_version_gives_410_and_the_watcher_relists() {
         .unwrap();
     assert!(
         matches!(next(&mut watch).await, Ok(watcher::Event::Apply(o)) if o.name_any() == "two")
+    );
+}
+
+#[tokio::test]
+async fn streaming_list_watcher_gets_initial_events_then_changes() {
+    let server = ApiServer::start().await;
+    let api: Api<ImageMirror> = Api::namespaced(server.client(), "default");
+    api.create(&PostParams::default(), &mirror("one", "demo"))
+        .await
+        .unwrap();
+    let config = watcher::Config::default().streaming_lists();
+    let mut watch = watcher(api.clone(), config).boxed();
+    assert!(matches!(next(&mut watch).await, Ok(watcher::Event::Init)));
+    assert!(
+        matches!(next(&mut watch).await, Ok(watcher::Event::InitApply(o)) if o.name_any() == "one")
+    );
+    assert!(
+        matches!(next(&mut watch).await, Ok(watcher::Event::InitDone)),
+        "the initial-events-end bookmark"
+    );
+    api.create(&PostParams::default(), &mirror("two", "demo"))
+        .await
+        .unwrap();
+    assert!(
+        matches!(next(&mut watch).await, Ok(watcher::Event::Apply(o)) if o.name_any() == "two")
+    );
+    assert_eq!(
+        server.count(|r| r.resource == "imagemirrors" && r.verb == "list"),
+        0
     );
 }
 
@@ -698,8 +745,8 @@ async fn two_lease_managers_elect_exactly_one_leader() {
         LeaseManagerBuilder::new(client.clone(), "imagemirror-leader")
             .with_namespace("default")
             .with_identity(id)
-            .with_duration(2)
-            .with_grace(1)
+            .with_duration(4)
+            .with_grace(2)
             .build()
     };
     let (m0, m1) = (
@@ -716,8 +763,9 @@ async fn two_lease_managers_elect_exactly_one_leader() {
     .await
     .expect("a leader is elected");
     let first_is_0 = *rx0.borrow();
-    // For 2.5 lease durations there is exactly one leader, always the same.
-    let until = tokio::time::Instant::now() + Duration::from_secs(5);
+    // For 1.5 lease durations (the leader renews, the follower looks again) there is exactly
+    // one leader, always the same.
+    let until = tokio::time::Instant::now() + Duration::from_secs(6);
     loop {
         assert_ne!(*rx0.borrow(), *rx1.borrow(), "exactly one leader");
         assert_eq!(
@@ -867,6 +915,24 @@ async fn finalizers_hold_deletion_until_removed() {
             .await
             .unwrap()
             .is_right()
+    );
+
+    // deletecollection with a label selector.
+    for (name, app) in [("a", "demo"), ("b", "demo"), ("c", "other")] {
+        api.create(&PostParams::default(), &mirror(name, app))
+            .await
+            .unwrap();
+    }
+    api.delete_collection(
+        &DeleteParams::default(),
+        &ListParams::default().labels("app=demo"),
+    )
+    .await
+    .unwrap();
+    let left = api.list(&ListParams::default()).await.unwrap();
+    assert_eq!(
+        left.items.iter().map(|m| m.name_any()).collect::<Vec<_>>(),
+        ["c"]
     );
 }
 

@@ -25,7 +25,10 @@
 //! - strategic merge patch is a JSON merge patch (no `$patch`/`$retainKeys` directives);
 //! - CEL rules are evaluated by Rust equivalents listed in `schema::CEL_RULES` (a test fails on
 //!   an unknown rule); only ImageMirror objects are validated against a schema;
-//! - list pages (`limit`/`continue`) are cut from the current state, not a snapshot;
+//! - get and list always read the latest state (`resourceVersion`/`resourceVersionMatch` on them
+//!   are ignored); list pages (`limit`/`continue`) are cut from the current state, not a snapshot;
+//! - PUT never creates; only ImageMirrors are validated, built-in types are stored as sent
+//!   (plus Secret `stringData` → `data`);
 //! - deletion is immediate (no grace periods), no garbage collection of owned objects;
 //! - the history kept for watches is a count of changes (`history_limit`), not a time window;
 //!   bookmarks come every `bookmark_interval` (1 minute on a real server).

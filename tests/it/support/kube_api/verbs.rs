@@ -33,6 +33,27 @@ fn generated_suffix() -> String {
         .collect()
 }
 
+/// Names are DNS subdomains (namespaces: DNS labels), as the API server requires.
+fn check_name(res_idx: usize, name: &str) -> Result<(), ApiError> {
+    let is_ns = res_idx == resources::namespaces();
+    if valid_name(name, is_ns) {
+        return Ok(());
+    }
+    let what = if is_ns {
+        "RFC 1123 label"
+    } else {
+        "RFC 1123 subdomain"
+    };
+    Err(ApiError::invalid(
+        &resources::all()[res_idx],
+        name,
+        "metadata.name",
+        &format!(
+            "Invalid value: \"{name}\": a lowercase {what} must consist of lower case alphanumeric characters, '-' or '.', and must start and end with an alphanumeric character"
+        ),
+    ))
+}
+
 fn valid_name(name: &str, label: bool) -> bool {
     let max = if label { 63 } else { 253 };
     !name.is_empty()
@@ -231,22 +252,7 @@ impl Store {
                 ));
             }
         };
-        let is_ns = res_idx == resources::namespaces();
-        if !valid_name(&name, is_ns) {
-            let what = if is_ns {
-                "RFC 1123 label"
-            } else {
-                "RFC 1123 subdomain"
-            };
-            return Err(ApiError::invalid(
-                res,
-                &name,
-                "metadata.name",
-                &format!(
-                    "Invalid value: \"{name}\": a lowercase {what} must consist of lower case alphanumeric characters, '-' or '.', and must start and end with an alphanumeric character"
-                ),
-            ));
-        }
+        check_name(res_idx, &name)?;
         let key = (
             res_idx,
             if res.namespaced {
@@ -269,7 +275,7 @@ impl Store {
             &new,
             ctx.manager,
             "",
-            Domain::All,
+            domain(res, ""),
             &now(),
         );
         Ok(self.commit(key, new, managed, ctx.dry_run))
@@ -393,6 +399,7 @@ impl Store {
             Err(e) if ctx.subresource == "status" => return Err(e),
             Err(_) => {
                 self.check_namespace(res, ns)?;
+                check_name(res_idx, name)?;
                 let key = (
                     res_idx,
                     if res.namespaced {
