@@ -167,6 +167,12 @@ async fn create_get_list_with_selectors_and_pages() {
         "{}",
         g.name_any()
     );
+    let label = Patch::Merge(json!({"metadata": {"labels": {"app": "demo"}}}));
+    let same = api
+        .patch(&g.name_any(), &PatchParams::default(), &label)
+        .await
+        .unwrap();
+    assert_eq!(rv(&same), rv(&g), "a patch that changes nothing is a no-op");
     let before = server.resource_version();
     let dry = PostParams {
         dry_run: true,

@@ -201,15 +201,8 @@ impl Store {
         } else {
             m.shift_remove("namespace");
         }
-        for k in [
-            "resourceVersion",
-            "managedFields",
-            "selfLink",
-            "generateName",
-        ] {
-            if k != "generateName" || old.is_some() {
-                m.shift_remove(k);
-            }
+        for k in ["resourceVersion", "managedFields", "selfLink"] {
+            m.shift_remove(k);
         }
         if let Some(old) = old
             && res.generation
