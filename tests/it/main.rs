@@ -4,4 +4,5 @@ mod auth;
 mod copy;
 mod crd;
 mod faults;
+mod kube_api;
 mod support;

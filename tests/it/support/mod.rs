@@ -1,6 +1,7 @@
 //! Shared harness: real registries, image seeding, running the binary.
 
 pub mod image;
+pub mod kube_api;
 pub mod proxy;
 pub mod registry;
 pub mod tls;
