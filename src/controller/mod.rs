@@ -18,6 +18,7 @@ use std::time::Duration;
 use futures_util::StreamExt;
 use futures_util::future::join_all;
 use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::jiff::Timestamp;
 use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector::ObjectRef;
 use kube::runtime::{Controller, watcher};
@@ -102,6 +103,8 @@ pub struct Context {
     secret_versions: Mutex<HashMap<String, Vec<String>>>,
     /// Per `ns/name`: consecutive failed reconciles, for backoff.
     failures: Mutex<HashMap<String, u32>>,
+    /// Per `ns/name`: the generation last synced and when its next sync is due.
+    schedule: Mutex<HashMap<String, (Option<i64>, Timestamp)>>,
 }
 
 impl Context {
@@ -118,6 +121,20 @@ impl Context {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .insert(key.to_string(), v);
+    }
+
+    fn scheduled(&self, key: &str, generation: Option<i64>) -> Option<Timestamp> {
+        let m = self.schedule.lock().unwrap_or_else(|p| p.into_inner());
+        m.get(key)
+            .filter(|(g, _)| *g == generation)
+            .map(|(_, t)| *t)
+    }
+
+    fn schedule(&self, key: &str, generation: Option<i64>, at: Timestamp) {
+        self.schedule
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(key.to_string(), (generation, at));
     }
 
     fn bump_backoff(&self, key: &str) -> u32 {
@@ -197,6 +214,7 @@ pub async fn run(
         item_concurrency: config.item_concurrency.max(1),
         secret_versions: Mutex::new(HashMap::new()),
         failures: Mutex::new(HashMap::new()),
+        schedule: Mutex::new(HashMap::new()),
     });
     // Ready means "up and able to serve": a replica waiting for the lease is ready too, so
     // rolling updates can proceed.

@@ -69,8 +69,22 @@ pub fn jittered(interval: Duration) -> Duration {
     interval.mul_f64(rand::rng().random_range(0.9..=1.1))
 }
 
+/// `now + d`, rounded up to a whole second: status times are serialised with second
+/// precision, and a `nextSyncTime` that reads earlier than the requeue would make the next
+/// wake-up look early and sync twice.
 fn add(now: Timestamp, d: Duration) -> Timestamp {
-    now.checked_add(d).unwrap_or(now)
+    let t = now.checked_add(d).unwrap_or(now);
+    let whole = Timestamp::from_second(t.as_second()).unwrap_or(t);
+    if whole < t {
+        whole.checked_add(Duration::from_secs(1)).unwrap_or(t)
+    } else {
+        whole
+    }
+}
+
+/// The requeue that wakes us exactly at `at`.
+fn until(now: Timestamp, at: Timestamp) -> Duration {
+    Duration::try_from(at.duration_since(now)).unwrap_or_default()
 }
 
 async fn write_status(
@@ -227,18 +241,20 @@ async fn reconcile_inner(
 
     let mut versions = src.versions.clone();
     versions.extend(dst.versions.iter().cloned());
-    let first_visit = prev.observed_generation != generation || prev.conditions.is_empty();
-    let next_due = prev.next_sync_time.as_ref().map(|t| t.0);
+    // What this process scheduled wins over status: the object a reconcile is handed can lag
+    // behind our own last write, and must not make us sync the same generation twice.
+    let scheduled = ctx.scheduled(key, generation);
+    let first_visit = scheduled.is_none()
+        && (prev.observed_generation != generation || prev.conditions.is_empty());
+    let next_due = scheduled.or(prev.next_sync_time.as_ref().map(|t| t.0));
     let secrets_changed = ctx.secret_versions(key).as_ref() != Some(&versions);
     // Failed syncs set nextSyncTime to their backoff, so "not Ready" alone is no reason to
     // sync again: that would turn every status write (ours included) into a retry storm.
     let due = first_visit || secrets_changed || next_due.is_none_or(|t| t <= now);
     if !due {
         // Woken by our own status write or a resync of the watch: nothing to do yet.
-        let wait = next_due
-            .and_then(|t| Duration::try_from(t.duration_since(now)).ok())
-            .unwrap_or(valid.interval);
-        return Ok(Action::requeue(wait.max(Duration::from_secs(1))));
+        let wait = next_due.map(|t| until(now, t)).unwrap_or(valid.interval);
+        return Ok(Action::requeue(wait.max(Duration::from_millis(100))));
     }
 
     ctx.set_secret_versions(key, versions);
@@ -364,7 +380,9 @@ async fn reconcile_inner(
                 now,
             );
             s.last_sync_time = Some(Time(now));
-            s.next_sync_time = Some(Time(add(now, retry_delay(ctx, key, valid.interval))));
+            let next_at = add(now, retry_delay(ctx, key, valid.interval));
+            s.next_sync_time = Some(Time(next_at));
+            ctx.schedule(key, generation, next_at);
             write_status(&api, name, &s).await?;
             event(ctx, obj, EventType::Warning, "SyncFailed", e.to_string()).await;
             return Err(ReconcileError::Sync {
@@ -379,7 +397,9 @@ async fn reconcile_inner(
         ctx.reset_backoff(key);
         next_in
     };
-    let new = status::synced(&base, generation, &report, now, add(now, next_in));
+    let next_at = add(now, next_in);
+    ctx.schedule(key, generation, next_at);
+    let new = status::synced(&base, generation, &report, now, next_at);
     // Events only for what changed, so a steady mirror does not fill the event log.
     for item in &report.items {
         if let Err(e) = &item.result {
@@ -422,7 +442,7 @@ async fn reconcile_inner(
     ctx.metrics
         .set_mirror_tags(key, Some((report.items.len() as i64 - failed, failed)));
     write_status(&api, name, &new).await?;
-    Ok(Action::requeue(next_in))
+    Ok(Action::requeue(until(now, next_at)))
 }
 
 /// Forwards blob outcomes to the metrics.

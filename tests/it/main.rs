@@ -1,6 +1,7 @@
 //! Integration tests, one binary: real registries (`docker-registry`) started per test.
 
 mod auth;
+mod controller;
 mod copy;
 mod crd;
 mod faults;

@@ -1,0 +1,415 @@
+//! End-to-end: the real controller (the library entry point `main` uses) against the
+//! Kubernetes API double over HTTP (or a real cluster when IMAGEMIRROR_E2E_KUBECONFIG is set)
+//! and two real registries.
+
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::coordination::v1::Lease;
+use kube::Client;
+use kube::api::{Api, Patch, PatchParams};
+use tokio::sync::oneshot;
+
+use imagemirror::api::ImageMirror;
+use imagemirror::controller::{ControllerConfig, ControllerError, LeaderElection};
+
+use crate::support::kube_api::{TestCluster, helpers};
+use crate::support::{Flavor, RegistryConfig, Seeder, TestRegistry};
+
+const WAIT: Duration = Duration::from_secs(60);
+
+/// A controller running in this process until stopped (or dropped).
+struct Running {
+    stop: Option<oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<Result<(), ControllerError>>,
+}
+
+impl Running {
+    fn start(client: Client, config: ControllerConfig) -> Self {
+        let (tx, rx) = oneshot::channel();
+        let task = tokio::spawn(imagemirror::controller::run(client, config, async move {
+            let _ = rx.await;
+        }));
+        Running {
+            stop: Some(tx),
+            task,
+        }
+    }
+
+    /// Asks for shutdown (as SIGTERM does) and asserts a clean exit within the deadline.
+    async fn stop(mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        let result = tokio::time::timeout(Duration::from_secs(30), &mut self.task).await;
+        assert!(
+            matches!(result, Ok(Ok(Ok(())))),
+            "controller did not stop cleanly: {result:?}"
+        );
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+fn config(ns: &str) -> ControllerConfig {
+    ControllerConfig {
+        namespaces: vec![ns.to_string()],
+        ..ControllerConfig::default()
+    }
+}
+
+fn mirror_yaml(ns: &str, name: &str, src: &str, dst: &str, extra: &str) -> String {
+    format!(
+        "apiVersion: imagemirror.dev/v1alpha1\nkind: ImageMirror\nmetadata:\n  name: {name}\n  namespace: {ns}\nspec:\n  source:\n    repository: {src}\n    plainHTTP: true\n  destination:\n    repository: {dst}\n    plainHTTP: true\n{extra}"
+    )
+}
+
+fn cond(m: &ImageMirror, type_: &str) -> Option<(String, String)> {
+    m.status
+        .as_ref()?
+        .conditions
+        .iter()
+        .find(|c| c.type_ == type_)
+        .map(|c| (c.status.clone(), c.reason.clone()))
+}
+
+fn observed(m: &ImageMirror) -> bool {
+    m.status.as_ref().and_then(|s| s.observed_generation) == m.metadata.generation
+}
+
+fn ready(m: &ImageMirror) -> bool {
+    observed(m) && cond(m, "Ready").is_some_and(|(s, _)| s == "True")
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mirror_becomes_ready_with_digests_then_follows_spec_changes_and_suspend() {
+    let (src, dst) = (TestRegistry::start(), TestRegistry::start());
+    let s = Seeder::new(src.host());
+    let v1 = s
+        .push_image("app", Some("v1"), 31, &[40_000], Flavor::Oci)
+        .await;
+    let v2 = s
+        .push_image("app", Some("v2"), 32, &[30_000], Flavor::Docker)
+        .await;
+    let cluster = TestCluster::start().await;
+    let ns = cluster.fresh_namespace("im").await;
+    let port = free_port();
+    let mut cfg = config(&ns);
+    cfg.metrics_addr = Some(format!("127.0.0.1:{port}").parse().unwrap());
+    let running = Running::start(cluster.client(), cfg);
+    let api: Api<ImageMirror> = Api::namespaced(cluster.client(), &ns);
+
+    let applied = Instant::now();
+    let src_repo = format!("{}/app", src.host());
+    let dst_repo = format!("{}/mirror/app", dst.host());
+    cluster
+        .apply_imagemirror(&mirror_yaml(
+            &ns,
+            "app",
+            &src_repo,
+            &dst_repo,
+            "  tags:\n    names: [v1]\n",
+        ))
+        .await;
+    let m = cluster.wait_for(&ns, "app", WAIT, ready).await;
+    eprintln!("apply → Ready for a one-tag image: {:?}", applied.elapsed());
+    let status = m.status.clone().unwrap();
+    assert_eq!(status.observed_generation, Some(1));
+    assert_eq!(status.summary.as_ref().unwrap().ratio, "1/1");
+    assert_eq!(status.tags.len(), 1);
+    assert_eq!(status.tags[0].name, "v1");
+    assert_eq!(
+        status.tags[0].source_digest.as_deref(),
+        Some(v1.digest.as_str())
+    );
+    assert_eq!(
+        status.tags[0].destination_digest.as_deref(),
+        Some(v1.digest.as_str())
+    );
+    assert_eq!(
+        cond(&m, "Stalled"),
+        Some(("False".into(), "AsExpected".into()))
+    );
+    assert_eq!(cond(&m, "Reconciling").unwrap().0, "False");
+    assert!(status.last_sync_time.is_some() && status.next_sync_time.is_some());
+    Seeder::new(dst.host())
+        .assert_copy_of("mirror/app", "v1", &v1)
+        .await;
+
+    // The admin server answers, and the metrics saw the copy.
+    let http = reqwest::Client::new();
+    let get = |path: &str| http.get(format!("http://127.0.0.1:{port}{path}")).send();
+    assert_eq!(get("/healthz").await.unwrap().status(), 200);
+    assert_eq!(get("/readyz").await.unwrap().status(), 200);
+    let metrics = get("/metrics").await.unwrap().text().await.unwrap();
+    for needle in [
+        "imagemirror_reconcile_total{result=\"success\"}",
+        "imagemirror_blobs_total{outcome=\"copied\"}",
+        "imagemirror_tags{state=\"synced\"} 1",
+        "imagemirror_bytes_copied_total",
+        "imagemirror_transfers_in_flight",
+    ] {
+        assert!(
+            metrics.contains(needle),
+            "/metrics lacks {needle}:\n{metrics}"
+        );
+    }
+
+    // Adding a tag to the spec syncs it.
+    let patch = serde_json::json!({"spec": {"tags": {"names": ["v1", "v2"]}}});
+    api.patch("app", &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .expect("patch spec");
+    let m = cluster
+        .wait_for(&ns, "app", WAIT, |m| {
+            ready(m) && m.status.as_ref().is_some_and(|s| s.tags.len() == 2)
+        })
+        .await;
+    assert_eq!(m.status.as_ref().unwrap().observed_generation, Some(2));
+    Seeder::new(dst.host())
+        .assert_copy_of("mirror/app", "v2", &v2)
+        .await;
+
+    // suspend: true stops syncing: a tag added while suspended is not copied.
+    let patch = serde_json::json!({"spec": {"suspend": true}});
+    api.patch("app", &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .unwrap();
+    cluster
+        .wait_for(&ns, "app", WAIT, |m| {
+            observed(m) && cond(m, "Reconciling").is_some_and(|(_, r)| r == "Suspended")
+        })
+        .await;
+    s.push_image("app", Some("v3"), 33, &[1_000], Flavor::Oci)
+        .await;
+    let patch = serde_json::json!({"spec": {"tags": {"names": ["v1", "v2", "v3"]}}});
+    api.patch("app", &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .unwrap();
+    cluster.wait_for(&ns, "app", WAIT, observed).await;
+    assert!(
+        Seeder::new(dst.host())
+            .get_manifest("mirror/app", "v3")
+            .await
+            .is_none(),
+        "a suspended mirror must not copy"
+    );
+    running.stop().await;
+    cluster.delete_namespace(&ns).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_secret_stalls_and_creating_it_makes_the_mirror_ready() {
+    let src = TestRegistry::start();
+    let dst = TestRegistry::start_with(RegistryConfig {
+        htpasswd: Some(("robot".into(), "pa55-word".into())),
+        ..Default::default()
+    });
+    let v1 = Seeder::new(src.host())
+        .push_image("app", Some("v1"), 41, &[20_000], Flavor::Oci)
+        .await;
+    let cluster = TestCluster::start().await;
+    let ns = cluster.fresh_namespace("im").await;
+    let running = Running::start(cluster.client(), config(&ns));
+    let extra = "    credentialsSecret: dst-creds\n  tags:\n    names: [v1]\n";
+    let yaml = mirror_yaml(
+        &ns,
+        "app",
+        &format!("{}/app", src.host()),
+        &format!("{}/app", dst.host()),
+        extra,
+    );
+    cluster.apply_imagemirror(&yaml).await;
+    let stalled = cluster
+        .wait_for(&ns, "app", WAIT, |m| {
+            cond(m, "Stalled") == Some(("True".into(), "SecretNotFound".into()))
+        })
+        .await;
+    assert_eq!(
+        cond(&stalled, "Ready"),
+        Some(("False".into(), "SecretNotFound".into()))
+    );
+    let message = &stalled.status.as_ref().unwrap().conditions[0].message;
+    assert!(
+        message.contains("dst-creds"),
+        "the condition must name the Secret: {message}"
+    );
+    let generation = stalled.metadata.generation;
+
+    helpers::create_registry_secret(
+        &cluster.client(),
+        &ns,
+        "dst-creds",
+        dst.host(),
+        "robot",
+        "pa55-word",
+    )
+    .await;
+    let m = cluster.wait_for(&ns, "app", WAIT, ready).await;
+    assert_eq!(
+        m.metadata.generation, generation,
+        "the ImageMirror itself was not touched"
+    );
+    assert_eq!(cond(&m, "Stalled").unwrap().0, "False");
+    Seeder::new(dst.host())
+        .with_basic("robot", "pa55-word")
+        .assert_copy_of("app", "v1", &v1)
+        .await;
+    let shown = serde_json::to_string(&m).unwrap();
+    assert!(
+        !shown.contains("pa55-word"),
+        "the password leaked into the object"
+    );
+    running.stop().await;
+    cluster.delete_namespace(&ns).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_uneventful_resync_writes_status_once_and_copies_nothing() {
+    let (src, dst) = (TestRegistry::start(), TestRegistry::start());
+    Seeder::new(src.host())
+        .push_image("app", Some("v1"), 51, &[10_000], Flavor::Oci)
+        .await;
+    let cluster = TestCluster::start().await;
+    let ns = cluster.fresh_namespace("im").await;
+    let running = Running::start(cluster.client(), config(&ns));
+    let yaml = mirror_yaml(
+        &ns,
+        "app",
+        &format!("{}/app", src.host()),
+        &format!("{}/app", dst.host()),
+        "  tags:\n    names: [v1]\n  interval: 2s\n",
+    );
+    cluster.apply_imagemirror(&yaml).await;
+    let first = cluster.wait_for(&ns, "app", WAIT, ready).await;
+    let synced_at = |m: &ImageMirror| m.status.as_ref().and_then(|s| s.last_sync_time.clone());
+    let t0 = synced_at(&first);
+    let writes_before = cluster.double().map(|d| {
+        (
+            d.writes("imagemirrors", Some("status")),
+            d.writes("imagemirrors", None),
+        )
+    });
+    let dst_before = dst.requests().len();
+    // Two resyncs later...
+    let after_one = cluster
+        .wait_for(&ns, "app", WAIT, |m| synced_at(m) != t0)
+        .await;
+    let t1 = synced_at(&after_one);
+    let after_two = cluster
+        .wait_for(&ns, "app", WAIT, |m| synced_at(m) != t1)
+        .await;
+    assert!(ready(&after_two));
+    if let (Some(d), Some((before, object_before))) = (cluster.double(), writes_before) {
+        // Read the resync count around the write count so a resync landing in between is
+        // noticed rather than miscounted.
+        let t2 = synced_at(&after_two);
+        let (writes, resyncs) = loop {
+            let cur1 = synced_at(&cluster.get_imagemirror(&ns, "app").await);
+            let writes = d.writes("imagemirrors", Some("status")) - before;
+            let cur2 = synced_at(&cluster.get_imagemirror(&ns, "app").await);
+            if cur1 == cur2 {
+                break (writes, if cur1 == t2 { 2 } else { 3 });
+            }
+        };
+        eprintln!("status writes for {resyncs} uneventful resyncs: {writes}");
+        assert_eq!(
+            writes, resyncs,
+            "expected exactly one status patch per resync"
+        );
+        assert_eq!(
+            d.writes("imagemirrors", None),
+            object_before,
+            "the controller never writes the object itself"
+        );
+    }
+    let dst_requests: Vec<String> = dst.requests()[dst_before..].to_vec();
+    assert!(
+        dst_requests.iter().all(|r| r.starts_with("HEAD ")),
+        "an up-to-date resync only HEADs the destination: {dst_requests:#?}"
+    );
+    running.stop().await;
+    cluster.delete_namespace(&ns).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_controllers_with_leader_election_never_both_copy() {
+    let (src, dst) = (TestRegistry::start(), TestRegistry::start());
+    let s = Seeder::new(src.host());
+    s.push_image("app", Some("v1"), 61, &[10_000], Flavor::Oci)
+        .await;
+    s.push_image("app", Some("v2"), 62, &[10_000], Flavor::Oci)
+        .await;
+    let cluster = TestCluster::start().await;
+    let ns = cluster.fresh_namespace("im").await;
+    let elect = |id: &str| {
+        let mut c = config(&ns);
+        c.leader_election = Some(LeaderElection {
+            namespace: ns.clone(),
+            lease_name: "imagemirror-leader".into(),
+            identity: id.into(),
+            duration_seconds: 3,
+            grace_seconds: 1,
+        });
+        c
+    };
+    let a = Running::start(cluster.client(), elect("replica-a"));
+    let b = Running::start(cluster.client(), elect("replica-b"));
+    let yaml = mirror_yaml(
+        &ns,
+        "app",
+        &format!("{}/app", src.host()),
+        &format!("{}/app", dst.host()),
+        "  tags:\n    names: [v1]\n",
+    );
+    cluster.apply_imagemirror(&yaml).await;
+    cluster.wait_for(&ns, "app", WAIT, ready).await;
+    let puts = |tag: &str| {
+        dst.requests()
+            .iter()
+            .filter(|r| r.as_str() == format!("PUT /v2/app/manifests/{tag}"))
+            .count()
+    };
+    assert_eq!(puts("v1"), 1, "exactly one replica copied");
+
+    // The leader goes away; the other takes over and syncs a spec change, still once.
+    let leases: Api<Lease> = Api::namespaced(cluster.client(), &ns);
+    let holder = leases
+        .get("imagemirror-leader")
+        .await
+        .unwrap()
+        .spec
+        .and_then(|s| s.holder_identity)
+        .expect("the lease has a holder");
+    let (leader, follower) = if holder == "replica-a" {
+        (a, b)
+    } else {
+        (b, a)
+    };
+    leader.stop().await;
+    let api: Api<ImageMirror> = Api::namespaced(cluster.client(), &ns);
+    let patch = serde_json::json!({"spec": {"tags": {"names": ["v1", "v2"]}}});
+    api.patch("app", &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .unwrap();
+    cluster
+        .wait_for(&ns, "app", WAIT, |m| {
+            ready(m) && m.status.as_ref().is_some_and(|s| s.tags.len() == 2)
+        })
+        .await;
+    assert_eq!(puts("v2"), 1, "the new leader copied v2 once");
+    assert_eq!(puts("v1"), 1, "v1 was not copied again");
+    follower.stop().await;
+    cluster.delete_namespace(&ns).await;
+}
