@@ -8,6 +8,7 @@
 
 mod blob;
 mod progress;
+mod ratelimit;
 mod retry;
 mod verify;
 
@@ -20,6 +21,7 @@ use tokio::task::AbortHandle;
 use crate::registry::{Registry, RegistryError};
 
 pub use progress::{BlobOutcome, BlobProgress, BlobState, ProgressSink, no_progress};
+pub use ratelimit::{RateLimit, RateLimited};
 pub use retry::RetryPolicy;
 pub use verify::{FailureSlot, Verify};
 
@@ -31,8 +33,13 @@ pub struct EngineConfig {
     /// Blob transfers running at once against any one registry (source or destination).
     /// Default 4.
     pub max_per_registry: usize,
-    /// Retry policy for blob transfers. Default: 5 attempts, 500 ms base, 30 s cap.
+    /// Retry policy for blob transfers. Default: 5 attempts, 500 ms base, 30 s cap. Its cap
+    /// also bounds how long a `429` with `Retry-After` pauses a registry.
     pub retry: RetryPolicy,
+    /// Requests per second to any one registry host, shared by every mirror in the process;
+    /// `None` does not pace. Either way a `429` with `Retry-After` pauses every request to
+    /// that host for that long (capped by `retry.max_delay`). Default `None`.
+    pub rate_limit: Option<RateLimit>,
 }
 
 impl Default for EngineConfig {
@@ -41,6 +48,7 @@ impl Default for EngineConfig {
             max_concurrent: 8,
             max_per_registry: 4,
             retry: RetryPolicy::default(),
+            rate_limit: None,
         }
     }
 }
@@ -97,6 +105,8 @@ struct Inner {
     config: EngineConfig,
     global: Arc<Semaphore>,
     per_registry: Mutex<HashMap<String, Arc<Semaphore>>>,
+    /// Request pacing per registry host.
+    buckets: Mutex<HashMap<String, Arc<ratelimit::Bucket>>>,
     state: Mutex<Book>,
 }
 
@@ -115,6 +125,7 @@ impl Engine {
                 config,
                 global,
                 per_registry: Mutex::new(HashMap::new()),
+                buckets: Mutex::new(HashMap::new()),
                 state: Mutex::new(Book::default()),
             }),
         }
@@ -134,6 +145,26 @@ impl Engine {
         map.entry(host.to_string())
             .or_insert_with(|| Arc::new(Semaphore::new(self.inner.config.max_per_registry.max(1))))
             .clone()
+    }
+
+    /// `registry` with its host's request pacing: every request waits its turn in the host's
+    /// bucket, and a `429` with `Retry-After` pauses the host for every client of it. The
+    /// engine applies this to the registries of every [`BlobRequest`]; callers wrap the ones
+    /// they use for other requests (manifests, tag lists). Do not wrap twice.
+    pub fn rate_limited(&self, registry: Arc<dyn Registry>) -> Arc<dyn Registry> {
+        let bucket = {
+            let mut map = self.inner.buckets.lock().unwrap_or_else(|p| p.into_inner());
+            let config = &self.inner.config;
+            map.entry(registry.host().to_string())
+                .or_insert_with(|| {
+                    Arc::new(ratelimit::Bucket::new(
+                        config.rate_limit,
+                        config.retry.max_delay,
+                    ))
+                })
+                .clone()
+        };
+        Arc::new(RateLimited::new(registry, bucket))
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Book> {
@@ -196,7 +227,12 @@ impl Engine {
                         .get(&digest_key)
                         .filter(|r| **r != req.destination_repo)
                         .cloned();
-                    let t = self.spawn(req.clone(), key.clone(), sibling, holder);
+                    let paced = BlobRequest {
+                        source: self.rate_limited(req.source.clone()),
+                        destination: self.rate_limited(req.destination.clone()),
+                        ..req.clone()
+                    };
+                    let t = self.spawn(paced, key.clone(), sibling, holder);
                     st.in_flight.insert(key.clone(), Arc::downgrade(&t));
                     st.by_digest.insert(digest_key, Arc::downgrade(&t));
                     t
