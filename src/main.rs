@@ -91,6 +91,15 @@ struct MirrorArgs {
     /// Summary format.
     #[arg(long, value_enum, default_value_t = OutputFormat::Text)]
     output: OutputFormat,
+    /// Blobs larger than this go up in resumable chunks (KiB, MiB, GiB); smaller ones in one PUT.
+    #[arg(long, value_parser = cli::parse_size, default_value = "64MiB")]
+    chunked_threshold: u64,
+    /// Size of each chunk of a chunked upload (at least 64KiB).
+    #[arg(long, value_parser = cli::parse_size, default_value = "16MiB")]
+    chunk_size: u64,
+    /// Requests per second to any one registry [default: no limit; a 429 with Retry-After always pauses the registry].
+    #[arg(long)]
+    rate_limit: Option<f64>,
 }
 
 fn init_logging(format: LogFormat, filter: &str) {
@@ -128,6 +137,9 @@ fn main() -> ExitCode {
                 concurrency: m.concurrency,
                 registry_concurrency: m.registry_concurrency,
                 output: m.output,
+                chunked_threshold: m.chunked_threshold,
+                chunk_size: m.chunk_size,
+                rate_limit: m.rate_limit.filter(|r| *r > 0.0),
             };
             let runtime = match tokio::runtime::Runtime::new() {
                 Ok(r) => r,

@@ -3,4 +3,5 @@
 mod copy;
 mod crd;
 mod faults;
+mod resume;
 mod support;
