@@ -2,6 +2,7 @@
 //! engine, print a summary. `main.rs` only parses arguments and calls in here.
 
 mod output;
+mod progress;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -15,6 +16,7 @@ use crate::registry::DockerConfig;
 use crate::transfer::{BlobProgress, BlobState, Engine, EngineConfig, ProgressSink, RateLimit};
 
 pub use output::{OutputFormat, render};
+pub use progress::{AboveBars, Bars, ProgressMode};
 
 /// Options of `imagemirror mirror`.
 #[derive(Clone, Debug)]
