@@ -3,5 +3,6 @@
 mod copy;
 mod crd;
 mod faults;
+mod memory;
 mod resume;
 mod support;
