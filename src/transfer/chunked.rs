@@ -126,7 +126,7 @@ pub(super) async fn upload(
                 session.advance(location.clone(), source.hasher.clone());
             }
             // The session keeps the last acknowledged chunk for the next attempt.
-            Err(e) => return Err(take(&failure).unwrap_or(e)),
+            Err(e) => return Err(lost_session(req, session, take(&failure).unwrap_or(e)).await),
         }
     }
     if let Err(e) = source.finish().await {
@@ -135,13 +135,30 @@ pub(super) async fn upload(
         }
         return Err(e);
     }
-    req.destination
+    if let Err(e) = req
+        .destination
         .finish_upload(&req.destination_repo, &location, &req.digest)
-        .await?;
+        .await
+    {
+        return Err(lost_session(req, session, e).await);
+    }
     session.close();
     Ok(BlobOutcome::Copied {
         bytes_sent: sent.load(Ordering::Relaxed),
     })
+}
+
+/// A 404 on a session we hold means the session is gone (purged, or refused as stale), not the
+/// blob: drop it and make the error one the retry policy retries, in a new session.
+async fn lost_session(req: &BlobRequest, session: &mut Session, e: RegistryError) -> RegistryError {
+    if !matches!(e, RegistryError::NotFound { .. }) {
+        return e;
+    }
+    session.cancel().await;
+    RegistryError::Transport {
+        what: format!("blob {} (chunked upload)", req.digest),
+        detail: format!("the upload session was lost ({e}); starting a new one"),
+    }
 }
 
 fn internal(req: &BlobRequest, detail: &str) -> RegistryError {

@@ -234,6 +234,51 @@ async fn a_source_reset_inside_a_chunk_is_healed_inside_the_chunk() {
     assert!(on_sessions(&log, "GET").is_empty(), "no resume was needed");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_that_vanished_is_replaced_not_fatal() {
+    let (src, dst) = (TestRegistry::start(), TestRegistry::start());
+    let (digest, size) = Seeder::new(src.host())
+        .push_blob_stream("big", 24 * MIB, 35)
+        .await;
+    let proxy = FaultProxy::start(dst.host()).await;
+    proxy.faults.gone_patch.store(2, Ordering::SeqCst);
+    let outcome = chunking_engine()
+        .copy_blob(
+            request(src.host(), proxy.host(), &digest, size),
+            &no_progress(),
+        )
+        .await
+        .expect("a lost session is retried in a new one");
+    assert_eq!(
+        outcome,
+        BlobOutcome::Copied {
+            bytes_sent: 16 * MIB + size
+        }
+    );
+    Seeder::new(dst.host())
+        .assert_blob("big", &digest, size)
+        .await;
+    let log = dst.responses();
+    let sessions: std::collections::BTreeSet<_> = on_sessions(&log, "PATCH")
+        .iter()
+        .filter_map(|p| session_of(&p.request))
+        .collect();
+    assert_eq!(sessions.len(), 2, "{log:?}");
+    // The first session took chunk 1; chunk 2 was refused whole; the second took them all.
+    assert_eq!(
+        proxy.faults.upload_bytes_forwarded.load(Ordering::SeqCst),
+        8 * MIB + size
+    );
+    assert_eq!(
+        proxy.faults.upload_bytes_dropped.load(Ordering::SeqCst),
+        8 * MIB
+    );
+    // The abandoned session was given back (the registry had never seen the failed PATCH).
+    let deletes = on_sessions(&log, "DELETE");
+    assert_eq!(deletes.len(), 1, "{deletes:?}");
+    assert_eq!(deletes[0].status, 204);
+}
+
 /// Waits for `check` to hold, up to `limit`.
 async fn eventually(limit: Duration, mut check: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + limit;

@@ -36,6 +36,9 @@ pub struct Faults {
     /// Upload PATCH number N (from 1) reaches the registry whole, but the connection drops
     /// before its answer gets back. 0: never.
     pub lose_patch_answer: AtomicU32,
+    /// Upload PATCH number N (from 1) answers 404 `BLOB_UPLOAD_UNKNOWN` without reaching the
+    /// registry, as for a session the registry purged. 0: never.
+    pub gone_patch: AtomicU32,
     /// Blob GETs get no answer at all (until the client gives up).
     pub hold_blob_gets: AtomicBool,
     /// Upload PATCHes seen (counting cut ones).
@@ -44,7 +47,7 @@ pub struct Faults {
     pub held_gets: AtomicU32,
     /// Upload body bytes (PATCH and PUT) forwarded to the registry.
     pub upload_bytes_forwarded: AtomicU64,
-    /// Upload body bytes read from clients and never forwarded (cut PATCHes).
+    /// Upload body bytes read from clients and never forwarded (cut or refused PATCHes).
     pub upload_bytes_dropped: AtomicU64,
 }
 
@@ -154,6 +157,21 @@ async fn forward(
         f.upload_bytes_dropped.fetch_add(read, Ordering::SeqCst);
         cut.cut();
         return status(502, None);
+    }
+    if patch_number.is_some_and(|n| n == f.gone_patch.load(Ordering::SeqCst)) {
+        // Read the whole body first, so the client gets the answer rather than a broken pipe.
+        let mut body = req.into_body().into_data_stream();
+        while let Some(Ok(chunk)) = body.next().await {
+            f.upload_bytes_dropped
+                .fetch_add(chunk.len() as u64, Ordering::SeqCst);
+        }
+        return Response::builder()
+            .status(404)
+            .header("Content-Type", "application/json")
+            .body(Body::from(
+                r#"{"errors":[{"code":"BLOB_UPLOAD_UNKNOWN","message":"blob upload unknown to registry"}]}"#,
+            ))
+            .unwrap();
     }
     if is_blob_get && f.hold_blob_gets.load(Ordering::SeqCst) {
         f.held_gets.fetch_add(1, Ordering::SeqCst);
