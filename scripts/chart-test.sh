@@ -281,7 +281,7 @@ def c_leader(f, state):
         r = lease_roles[0]
         expect(r["metadata"].get("namespace") == RELEASE_NS, f"lease Role is in {r['metadata'].get('namespace')}")
         want = {("coordination.k8s.io", "leases", "create")} | {
-            ("coordination.k8s.io", "leases", v, (lease[0],)) for v in ("get", "update")}
+            ("coordination.k8s.io", "leases", v, (lease[0],)) for v in ("get", "update", "patch")}
         got = rule_tuples(r.get("rules"))
         expect(got == want, f"lease Role rules differ: extra {sorted(got - want, key=str)}, missing {sorted(want - got, key=str)}")
     if lease_bindings and lease_roles:

@@ -10,6 +10,8 @@ use clap::{Parser, Subcommand, ValueEnum};
 use tracing_subscriber::fmt::writer::BoxMakeWriter;
 
 use imagemirror::cli::{self, Bars, MirrorOptions, OutputFormat, ProgressMode};
+use imagemirror::controller::{ControllerConfig, LeaderElection};
+use imagemirror::transfer::EngineConfig;
 
 /// Keeps container images mirrored between registries.
 #[derive(Parser)]
@@ -42,7 +44,7 @@ enum Command {
     Crd,
     /// Copy the tags of one or more ImageMirror documents once, without a cluster.
     Mirror(MirrorArgs),
-    /// Run the Kubernetes controller (not implemented yet: the flags are the chart's contract).
+    /// Run the Kubernetes controller (in-cluster config, or $KUBECONFIG / ~/.kube/config).
     Controller(ControllerArgs),
 }
 
@@ -73,6 +75,92 @@ struct ControllerArgs {
     /// PEM bundle of extra CA certificates trusted for every registry, in addition to the system roots.
     #[arg(long)]
     ca_file: Option<PathBuf>,
+    /// This replica's identity for leader election.
+    #[arg(long, env = "POD_NAME")]
+    identity: Option<String>,
+    /// Seconds running syncs get to finish after SIGTERM before they are cancelled.
+    #[arg(long, default_value_t = 20)]
+    shutdown_grace_seconds: u64,
+}
+
+impl ControllerArgs {
+    fn into_config(self) -> Result<ControllerConfig, String> {
+        let metrics_addr = self
+            .metrics_addr
+            .parse()
+            .map_err(|e| format!("--metrics-addr {:?}: {e}", self.metrics_addr))?;
+        let identity = self
+            .identity
+            .unwrap_or_else(|| format!("imagemirror-{:08x}", rand::random::<u32>()));
+        Ok(ControllerConfig {
+            namespaces: self.namespaces,
+            engine: EngineConfig {
+                max_concurrent: self.concurrency.max(1),
+                max_per_registry: self.registry_concurrency.max(1),
+                ..EngineConfig::default()
+            },
+            item_concurrency: self.concurrency.max(1),
+            metrics_addr: Some(metrics_addr),
+            leader_election: self.leader_elect.then_some(LeaderElection {
+                namespace: self.leader_election_namespace,
+                lease_name: self.lease_name,
+                identity,
+                duration_seconds: 15,
+                grace_seconds: 5,
+            }),
+            ca_file: self.ca_file,
+            shutdown_grace: std::time::Duration::from_secs(self.shutdown_grace_seconds),
+        })
+    }
+}
+
+/// Resolves on SIGTERM or Ctrl-C.
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
+    tracing::info!("shutdown requested");
+}
+
+async fn run_controller(args: ControllerArgs) -> ExitCode {
+    let config = match args.into_config() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let client = match kube::Client::try_default().await {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: no Kubernetes client configuration: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match imagemirror::controller::run(client, config, shutdown_signal()).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = %e, "controller stopped");
+            ExitCode::from(1)
+        }
+    }
 }
 
 #[derive(clap::Args)]
@@ -86,6 +174,9 @@ struct MirrorArgs {
     /// Docker config JSON with registry credentials [default: $DOCKER_CONFIG/config.json or ~/.docker/config.json].
     #[arg(long, env = "IMAGEMIRROR_AUTH_FILE")]
     auth_file: Option<PathBuf>,
+    /// PEM bundle of extra CA certificates trusted for every registry, in addition to the system roots.
+    #[arg(long)]
+    ca_file: Option<PathBuf>,
     /// Blob transfers at once across all registries.
     #[arg(long, default_value_t = 8)]
     concurrency: usize,
@@ -139,12 +230,13 @@ fn main() -> ExitCode {
     let bars = (mode == ProgressMode::Bars).then(Bars::new);
     init_logging(args.log_format, &args.log_level, bars.as_ref());
     match args.command {
-        Command::Controller(_) => {
-            eprintln!(
-                "error: the controller is not implemented yet; `imagemirror mirror -f FILE` runs the same engine once"
-            );
-            ExitCode::from(2)
-        }
+        Command::Controller(c) => match tokio::runtime::Runtime::new() {
+            Ok(rt) => rt.block_on(run_controller(c)),
+            Err(e) => {
+                eprintln!("error: starting the runtime: {e}");
+                ExitCode::from(2)
+            }
+        },
         Command::Crd => {
             print!("{}", imagemirror::api::crd_yaml());
             ExitCode::SUCCESS
@@ -154,6 +246,7 @@ fn main() -> ExitCode {
                 files: m.files,
                 dry_run: m.dry_run,
                 auth_file: m.auth_file,
+                ca_file: m.ca_file,
                 concurrency: m.concurrency,
                 registry_concurrency: m.registry_concurrency,
                 output: m.output,

@@ -28,6 +28,9 @@ pub struct MirrorOptions {
     /// A docker config JSON with credentials; `None` uses `$DOCKER_CONFIG/config.json` or
     /// `~/.docker/config.json` when present.
     pub auth_file: Option<PathBuf>,
+    /// A PEM bundle of CA certificates trusted for every registry, in addition to the system
+    /// roots (private CAs).
+    pub ca_file: Option<PathBuf>,
     /// Blob transfers at once (global limit). Items per mirror run at the same number.
     pub concurrency: usize,
     /// Blob transfers at once per registry.
@@ -167,6 +170,15 @@ pub async fn run_mirror(
         return Err(CliError::Empty(names.join(", ")));
     }
     let auth = load_auth(opts.auth_file.as_deref())?;
+    // Read once, before any copy starts; whether it parses is checked when clients are built,
+    // and that error names the file's use ("CA certificates do not parse").
+    let ca_pem = match &opts.ca_file {
+        Some(f) => Some(std::fs::read(f).map_err(|source| CliError::Read {
+            path: f.display().to_string(),
+            source,
+        })?),
+        None => None,
+    };
     let engine = Engine::new(EngineConfig {
         max_concurrent: opts.concurrency.max(1),
         max_per_registry: opts.registry_concurrency.max(1),
@@ -186,11 +198,15 @@ pub async fn run_mirror(
             m.metadata.namespace.as_deref().unwrap_or("default"),
             m.metadata.name.as_deref().unwrap_or("(unnamed)")
         );
-        let (engine, pool, auth, progress) = (&engine, &pool, &auth, progress.clone());
+        let trust = Trust {
+            auth: &auth,
+            ca_pem: ca_pem.as_deref(),
+        };
+        let (engine, pool, progress) = (&engine, &pool, progress.clone());
         async move {
             let mut planned = Vec::new();
             let result =
-                one_mirror(engine, pool, auth, &m.spec, opts, progress, &mut planned).await;
+                one_mirror(engine, pool, trust, &m.spec, opts, progress, &mut planned).await;
             MirrorOutcome {
                 name,
                 result,
@@ -201,10 +217,17 @@ pub async fn run_mirror(
     Ok(join_all(runs).await)
 }
 
+/// What the command was given to authenticate with and to trust, for every mirror.
+#[derive(Clone, Copy)]
+struct Trust<'a> {
+    auth: &'a DockerConfig,
+    ca_pem: Option<&'a [u8]>,
+}
+
 async fn one_mirror(
     engine: &Engine,
     pool: &ClientPool,
-    auth: &DockerConfig,
+    trust: Trust<'_>,
     spec: &ImageMirrorSpec,
     opts: &MirrorOptions,
     progress: ProgressSink,
@@ -215,13 +238,13 @@ async fn one_mirror(
         if s.ca_secret.is_some() {
             tracing::warn!(
                 side,
-                "caSecret is read by the controller only; the CLI uses the system trust store"
+                "caSecret is read by the controller only; the CLI trusts the system roots and --ca-file"
             );
         }
     }
     let access = |registry: &str| EndpointAccess {
-        credentials: auth.get(registry).cloned(),
-        ca_pem: None,
+        credentials: trust.auth.get(registry).cloned(),
+        ca_pem: trust.ca_pem.map(<[u8]>::to_vec),
     };
     let endpoint = |field, s, registry: &str| {
         pool.endpoint(field, s, access(registry))

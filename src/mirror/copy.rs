@@ -132,9 +132,11 @@ pub async fn run(
         counters,
     };
     let ctx = &ctx;
+    // Owned items: a closure over borrowed ones is not general enough for the Send bound of
+    // a spawned reconcile.
     let mut results: Vec<(usize, ItemResult)> =
-        futures_util::stream::iter(job.items.iter().enumerate())
-            .map(|(i, item)| async move { (i, ctx.copy_item(item).await) })
+        futures_util::stream::iter(job.items.clone().into_iter().enumerate())
+            .map(|(i, item)| async move { (i, ctx.copy_item(&item).await) })
             .buffer_unordered(job.concurrency.max(1))
             .collect()
             .await;

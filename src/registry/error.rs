@@ -32,6 +32,10 @@ pub enum RegistryError {
     /// The connection failed, timed out or was reset.
     #[error("{what}: {detail}")]
     Transport { what: String, detail: String },
+    /// TLS failed in a way another attempt cannot fix: the certificate is not trusted (unknown
+    /// CA, expired, wrong name) or the server does not speak TLS at all.
+    #[error("{what}: TLS failed: {detail}")]
+    Tls { what: String, detail: String },
     /// A manifest over the size limit; refused before it is read.
     #[error("manifest {what} is {size} bytes, over the {limit} byte limit")]
     ManifestTooLarge { what: String, size: u64, limit: u64 },
@@ -71,6 +75,7 @@ impl RegistryError {
             RegistryError::RateLimited { .. } => "RateLimited",
             RegistryError::Status { .. } => "RegistryError",
             RegistryError::Transport { .. } => "NetworkError",
+            RegistryError::Tls { .. } => "TLSError",
             RegistryError::ManifestTooLarge { .. } => "ManifestTooLarge",
             RegistryError::ManifestInvalid { .. } => "ManifestInvalid",
             RegistryError::Schema1 { .. } => "UnsupportedSchema1",
@@ -103,17 +108,79 @@ impl RegistryError {
         // reqwest's Display omits the cause chain, which is where "connection reset" lives.
         let mut detail = err.to_string();
         let mut source = std::error::Error::source(err);
+        let mut tls = None;
         while let Some(s) = source {
             detail.push_str(": ");
             detail.push_str(&s.to_string());
+            tls = tls.or_else(|| rustls_cause(s));
             source = s.source();
         }
-        RegistryError::Transport {
-            what: what.into(),
-            detail,
+        let what = what.into();
+        // A certificate nobody vouches for, or a plain-HTTP server, stays that way: retrying
+        // only delays the message the user needs, so these get their own, final, error.
+        let hint = match tls {
+            Some(
+                rustls::Error::InvalidCertificate(_)
+                | rustls::Error::NoCertificatesPresented
+                | rustls::Error::UnsupportedNameType,
+            ) => {
+                "; the registry's certificate is not trusted: give its CA (caSecret, or --ca-file on the CLI) or set insecureSkipTLSVerify"
+            }
+            Some(rustls::Error::InvalidMessage(rustls::InvalidMessage::InvalidContentType)) => {
+                "; the registry did not answer in TLS: if it serves plain HTTP, set plainHTTP: true"
+            }
+            // Anything else (a bad record mid-stream, an alert) may be the network's doing.
+            _ => return RegistryError::Transport { what, detail },
+        };
+        RegistryError::Tls {
+            what,
+            detail: format!("{detail}{hint}"),
         }
     }
 }
 
+/// The rustls error behind `err`, if that is what it is. TLS errors reach us wrapped in
+/// `io::Error`s (one inside another), whose `source()` skips what they wrap, so look inside
+/// explicitly.
+fn rustls_cause<'a>(err: &'a (dyn std::error::Error + 'static)) -> Option<&'a rustls::Error> {
+    let mut err = err;
+    // Bounded: a handful of layers is all any stack adds.
+    for _ in 0..8 {
+        if let Some(e) = err.downcast_ref::<rustls::Error>() {
+            return Some(e);
+        }
+        err = err.downcast_ref::<std::io::Error>()?.get_ref()?;
+    }
+    None
+}
+
 /// Result alias for registry operations.
 pub type Result<T, E = RegistryError> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rustls_errors_are_found_inside_nested_io_errors() {
+        let tls = rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownIssuer);
+        let nested = std::io::Error::other(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            tls.clone(),
+        ));
+        assert_eq!(rustls_cause(&nested), Some(&tls));
+        assert_eq!(rustls_cause(&tls), Some(&tls));
+        let plain = std::io::Error::other("connection reset");
+        assert_eq!(rustls_cause(&plain), None);
+    }
+
+    #[test]
+    fn tls_failures_are_final() {
+        let e = RegistryError::Tls {
+            what: "r.example".into(),
+            detail: "invalid peer certificate".into(),
+        };
+        assert!(!e.is_retryable());
+        assert_eq!(e.reason(), "TLSError");
+    }
+}

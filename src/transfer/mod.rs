@@ -149,6 +149,15 @@ impl Engine {
         &self.inner.config
     }
 
+    /// Blob transfers currently in flight (each counted once however many watch it).
+    pub fn in_flight(&self) -> usize {
+        self.lock()
+            .in_flight
+            .values()
+            .filter(|w| w.strong_count() > 0)
+            .count()
+    }
+
     fn registry_limit(&self, host: &str) -> Arc<Semaphore> {
         let mut map = self
             .inner

@@ -186,6 +186,7 @@ async fn basic_auth_from_the_auth_file_and_a_named_failure_for_wrong_credentials
     let src = TestRegistry::start();
     let dst = TestRegistry::start_with(RegistryConfig {
         htpasswd: Some(("mirror".into(), "s3cret-pass".into())),
+        ..RegistryConfig::default()
     });
     let image = Seeder::new(src.host())
         .push_image("app", Some("v1"), 6, &[10_000], Flavor::Docker)

@@ -1,8 +1,10 @@
 //! Integration tests, one binary: real registries (`docker-registry`) started per test.
 
+mod auth;
 mod copy;
 mod crd;
 mod faults;
+mod kube_api;
 mod memory;
 mod resume;
 mod support;

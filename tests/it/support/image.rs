@@ -1,15 +1,18 @@
-//! Seeds registries with synthetic images through the plain HTTP API, and reads them back.
+//! Seeds registries with synthetic images through the registry HTTP API, and reads them back.
+//! Speaks basic auth and the bearer token dance like `docker push` does, over HTTP or HTTPS.
 
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use futures_util::StreamExt;
 use rand::{RngCore, SeedableRng};
-use reqwest::header::{ACCEPT, CONTENT_LENGTH, CONTENT_TYPE, LOCATION};
+use reqwest::header::{ACCEPT, CONTENT_LENGTH, CONTENT_TYPE, LOCATION, WWW_AUTHENTICATE};
 use serde_json::json;
 
 use imagemirror::registry::digest::{Hasher, sha256_digest};
 use imagemirror::registry::manifest::{DOCKER_LIST, DOCKER_MANIFEST, OCI_INDEX, OCI_MANIFEST};
+
+use super::token::bearer_params;
 
 /// A blob, a manifest or an index as pushed.
 #[derive(Clone, Debug)]
@@ -28,11 +31,13 @@ pub enum Flavor {
     Docker,
 }
 
-/// Plain-HTTP access to one registry, optionally with basic credentials.
+/// Access to one registry, optionally with credentials (sent as Basic, or traded for a bearer
+/// token when the registry's challenge asks for one).
 #[derive(Clone)]
 pub struct Seeder {
     http: reqwest::Client,
-    host: String,
+    /// `http://host:port` or `https://host:port`.
+    base: String,
     basic: Option<(String, String)>,
 }
 
@@ -49,36 +54,74 @@ impl Seeder {
         imagemirror::install_crypto_provider();
         Seeder {
             http: reqwest::Client::new(),
-            host: host.to_string(),
+            base: format!("http://{host}"),
             basic: None,
         }
     }
 
+    /// Credentials: sent as Basic, or traded for bearer tokens when the registry wants those.
     pub fn with_basic(mut self, user: &str, pass: &str) -> Self {
         self.basic = Some((user.into(), pass.into()));
         self
     }
 
+    /// HTTPS, trusting only the test CA `ca_pem`.
+    pub fn with_ca(mut self, ca_pem: &str) -> Self {
+        let ca = reqwest::Certificate::from_pem(ca_pem.as_bytes()).expect("CA PEM");
+        self.http = reqwest::Client::builder()
+            .tls_certs_only([ca])
+            .build()
+            .expect("HTTPS client");
+        self.base = self.base.replacen("http://", "https://", 1);
+        self
+    }
+
     fn req(&self, method: reqwest::Method, url: &str) -> reqwest::RequestBuilder {
-        let r = self.http.request(method, url);
-        match &self.basic {
-            Some((u, p)) => r.basic_auth(u, Some(p)),
-            None => r,
+        self.http.request(method, url)
+    }
+
+    /// Sends `req` (which carries no credentials yet) as a client would: Basic credentials if
+    /// any; after a `Bearer` challenge, a token for the challenged scope and one retry.
+    async fn send(&self, req: reqwest::RequestBuilder) -> reqwest::Result<reqwest::Response> {
+        let retry = req.try_clone().expect("seeder bodies are buffered");
+        let first = match &self.basic {
+            Some((u, p)) => req.basic_auth(u, Some(p)),
+            None => req,
+        };
+        let resp = first.send().await?;
+        let challenge = resp
+            .headers()
+            .get(WWW_AUTHENTICATE)
+            .and_then(|v| v.to_str().ok())
+            .and_then(bearer_params);
+        let (401, Some(challenge)) = (resp.status().as_u16(), challenge) else {
+            return Ok(resp);
+        };
+        let mut token_req = self.http.get(&challenge["realm"]);
+        for key in ["service", "scope"] {
+            if let Some(v) = challenge.get(key) {
+                token_req = token_req.query(&[(key, v)]);
+            }
         }
+        if let Some((u, p)) = &self.basic {
+            token_req = token_req.basic_auth(u, Some(p));
+        }
+        let answer: serde_json::Value = token_req.send().await?.error_for_status()?.json().await?;
+        let token = answer["token"].as_str().expect("token in the answer");
+        retry.bearer_auth(token).send().await
     }
 
     fn url(&self, path: &str) -> String {
-        format!("http://{}{path}", self.host)
+        format!("{}{path}", self.base)
     }
 
     pub async fn push_blob(&self, repo: &str, bytes: &[u8]) -> (String, u64) {
         let digest = sha256_digest(bytes);
         let resp = self
-            .req(
+            .send(self.req(
                 reqwest::Method::POST,
                 &self.url(&format!("/v2/{repo}/blobs/uploads/")),
-            )
-            .send()
+            ))
             .await
             .expect("POST upload");
         assert_eq!(resp.status(), 202, "start upload in {repo}");
@@ -90,10 +133,11 @@ impl Seeder {
         };
         let sep = if loc.contains('?') { '&' } else { '?' };
         let resp = self
-            .req(reqwest::Method::PUT, &format!("{loc}{sep}digest={digest}"))
-            .header(CONTENT_TYPE, "application/octet-stream")
-            .body(bytes.to_vec())
-            .send()
+            .send(
+                self.req(reqwest::Method::PUT, &format!("{loc}{sep}digest={digest}"))
+                    .header(CONTENT_TYPE, "application/octet-stream")
+                    .body(bytes.to_vec()),
+            )
             .await
             .expect("PUT blob");
         assert_eq!(resp.status(), 201, "finish upload of {digest}");
@@ -106,11 +150,10 @@ impl Seeder {
     pub async fn push_blob_stream(&self, repo: &str, size: u64, seed: u64) -> (String, u64) {
         const BLOCK: u64 = 1 << 20;
         let resp = self
-            .req(
+            .send(self.req(
                 reqwest::Method::POST,
                 &self.url(&format!("/v2/{repo}/blobs/uploads/")),
-            )
-            .send()
+            ))
             .await
             .expect("POST upload");
         assert_eq!(resp.status(), 202, "start upload in {repo}");
@@ -127,21 +170,23 @@ impl Seeder {
             h.lock().unwrap().update(&block);
             Ok::<_, std::io::Error>(Bytes::from(block))
         });
-        let resp = self
+        // A streamed body cannot be replayed after a token challenge: Basic or anonymous only.
+        let patch = self
             .req(reqwest::Method::PATCH, &loc)
             .header(CONTENT_TYPE, "application/octet-stream")
             .header(CONTENT_LENGTH, size)
-            .body(reqwest::Body::wrap_stream(blocks))
-            .send()
-            .await
-            .expect("PATCH blob");
+            .body(reqwest::Body::wrap_stream(blocks));
+        let patch = match &self.basic {
+            Some((u, p)) => patch.basic_auth(u, Some(p)),
+            None => patch,
+        };
+        let resp = patch.send().await.expect("PATCH blob");
         assert_eq!(resp.status(), 202, "stream {size} bytes into {repo}");
         let loc = self.absolute(resp.headers()[LOCATION].to_str().unwrap());
         let digest = std::mem::take(&mut *hasher.lock().unwrap()).finish();
         let sep = if loc.contains('?') { '&' } else { '?' };
         let resp = self
-            .req(reqwest::Method::PUT, &format!("{loc}{sep}digest={digest}"))
-            .send()
+            .send(self.req(reqwest::Method::PUT, &format!("{loc}{sep}digest={digest}")))
             .await
             .expect("PUT blob");
         assert_eq!(resp.status(), 201, "finish upload of {digest}");
@@ -164,13 +209,14 @@ impl Seeder {
         bytes: &[u8],
     ) -> String {
         let resp = self
-            .req(
-                reqwest::Method::PUT,
-                &self.url(&format!("/v2/{repo}/manifests/{reference}")),
+            .send(
+                self.req(
+                    reqwest::Method::PUT,
+                    &self.url(&format!("/v2/{repo}/manifests/{reference}")),
+                )
+                .header(CONTENT_TYPE, media_type)
+                .body(bytes.to_vec()),
             )
-            .header(CONTENT_TYPE, media_type)
-            .body(bytes.to_vec())
-            .send()
             .await
             .expect("PUT manifest");
         let status = resp.status();
@@ -289,15 +335,16 @@ impl Seeder {
     /// GET a manifest: (content type, bytes), or `None` when absent.
     pub async fn get_manifest(&self, repo: &str, reference: &str) -> Option<(String, Vec<u8>)> {
         let resp = self
-            .req(
-                reqwest::Method::GET,
-                &self.url(&format!("/v2/{repo}/manifests/{reference}")),
+            .send(
+                self.req(
+                    reqwest::Method::GET,
+                    &self.url(&format!("/v2/{repo}/manifests/{reference}")),
+                )
+                .header(
+                    ACCEPT,
+                    [OCI_MANIFEST, OCI_INDEX, DOCKER_MANIFEST, DOCKER_LIST].join(", "),
+                ),
             )
-            .header(
-                ACCEPT,
-                [OCI_MANIFEST, OCI_INDEX, DOCKER_MANIFEST, DOCKER_LIST].join(", "),
-            )
-            .send()
             .await
             .expect("GET manifest");
         if resp.status() == 404 {
@@ -316,8 +363,7 @@ impl Seeder {
     pub async fn assert_blob(&self, repo: &str, digest: &str, size: u64) {
         let url = self.url(&format!("/v2/{repo}/blobs/{digest}"));
         let head = self
-            .req(reqwest::Method::HEAD, &url)
-            .send()
+            .send(self.req(reqwest::Method::HEAD, &url))
             .await
             .expect("HEAD blob");
         assert_eq!(head.status(), 200, "blob {digest} missing in {repo}");
@@ -329,8 +375,7 @@ impl Seeder {
         assert_eq!(len, Some(size), "size of {digest} in {repo}");
         // Hashed as it streams: blobs in these tests go up to hundreds of MiB.
         let mut body = self
-            .req(reqwest::Method::GET, &url)
-            .send()
+            .send(self.req(reqwest::Method::GET, &url))
             .await
             .expect("GET blob")
             .bytes_stream();

@@ -2,8 +2,11 @@
 
 pub mod cut;
 pub mod image;
+pub mod kube_api;
 pub mod proxy;
 pub mod registry;
+pub mod tls;
+pub mod token;
 
 use std::path::Path;
 use std::process::Output;
@@ -20,8 +23,29 @@ pub fn mirror_doc(
     drepo: &str,
     extra_spec: &str,
 ) -> String {
+    let plain = ["plainHTTP: true"];
+    mirror_doc_sides(
+        name,
+        &side(src, srepo, &plain),
+        &side(dst, drepo, &plain),
+        extra_spec,
+    )
+}
+
+/// One side of an ImageMirror spec: `repository: host/repo` and settings such as
+/// `plainHTTP: false` or `insecureSkipTLSVerify: true`, one per line.
+pub fn side(host: &str, repo: &str, settings: &[&str]) -> String {
+    let mut out = format!("    repository: {host}/{repo}\n");
+    for s in settings {
+        out.push_str(&format!("    {s}\n"));
+    }
+    out
+}
+
+/// An ImageMirror document from two [`side`]s.
+pub fn mirror_doc_sides(name: &str, source: &str, destination: &str, extra_spec: &str) -> String {
     format!(
-        "apiVersion: imagemirror.dev/v1alpha1\nkind: ImageMirror\nmetadata:\n  name: {name}\n  namespace: test\nspec:\n  source:\n    repository: {src}/{srepo}\n    plainHTTP: true\n  destination:\n    repository: {dst}/{drepo}\n    plainHTTP: true\n{extra_spec}"
+        "apiVersion: imagemirror.dev/v1alpha1\nkind: ImageMirror\nmetadata:\n  name: {name}\n  namespace: test\nspec:\n  source:\n{source}  destination:\n{destination}{extra_spec}"
     )
 }
 

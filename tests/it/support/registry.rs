@@ -1,15 +1,23 @@
 //! A real CNCF distribution registry (`docker-registry`) on 127.0.0.1 with an ephemeral port and
-//! its own storage, stopped on drop.
+//! its own storage, stopped on drop. Plain HTTP by default; HTTPS with a test CA's certificate
+//! when asked.
 
-use std::net::TcpListener;
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
 use std::path::PathBuf;
 use std::process::{Child, Command};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+use super::tls::{ServerCert, client_config};
+use super::token::TokenAuth;
 
 /// A running registry.
 pub struct TestRegistry {
     child: Child,
     host: String,
+    /// Set when the registry serves HTTPS: a client config trusting its CA.
+    tls: Option<Arc<rustls::ClientConfig>>,
     _dir: tempfile::TempDir,
 }
 
@@ -29,6 +37,10 @@ pub struct Answered {
 pub struct RegistryConfig {
     /// htpasswd basic auth with this user and password.
     pub htpasswd: Option<(String, String)>,
+    /// `auth: token`: clients get bearer tokens from this token server.
+    pub token: Option<TokenAuth>,
+    /// Serve HTTPS with this certificate instead of plain HTTP.
+    pub tls: Option<ServerCert>,
 }
 
 fn binary() -> PathBuf {
@@ -78,10 +90,33 @@ impl TestRegistry {
                 path.display()
             );
         }
+        if let Some(token) = &config.token {
+            let bundle = dir.path().join("token-roots.pem");
+            std::fs::write(&bundle, &token.root_cert_pem).map_err(|e| e.to_string())?;
+            auth = format!(
+                "auth:\n  token:\n    realm: {}\n    service: {}\n    issuer: {}\n    rootcertbundle: {}\n",
+                token.realm,
+                token.service,
+                token.issuer,
+                bundle.display()
+            );
+        }
+        let mut tls = String::new();
+        if let Some(cert) = &config.tls {
+            let (c, k) = (dir.path().join("tls.crt"), dir.path().join("tls.key"));
+            std::fs::write(&c, &cert.cert_pem).map_err(|e| e.to_string())?;
+            std::fs::write(&k, &cert.key_pem).map_err(|e| e.to_string())?;
+            tls = format!(
+                "  tls:\n    certificate: {}\n    key: {}\n",
+                c.display(),
+                k.display()
+            );
+        }
         let config_text = format!(
-            "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\n  maintenance:\n    uploadpurging:\n      enabled: false\nhttp:\n  addr: {host}\n  secret: imagemirror-test-secret\n{auth}",
+            "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\n  maintenance:\n    uploadpurging:\n      enabled: false\nhttp:\n  addr: {host}\n  secret: imagemirror-test-secret\n{tls}{auth}",
             dir.path().join("data").display()
         );
+        let tls = config.tls.as_ref().map(|c| client_config(&c.ca_pem));
         let config_path = dir.path().join("config.yml");
         std::fs::write(&config_path, config_text).map_err(|e| e.to_string())?;
         let log =
@@ -102,21 +137,17 @@ impl TestRegistry {
                     std::fs::read_to_string(dir.path().join("registry.log")).unwrap_or_default();
                 return Err(format!("exited with {status}: {log}"));
             }
-            if let Ok(mut s) = std::net::TcpStream::connect(&host) {
-                use std::io::{Read, Write};
-                let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
-                let req = format!("GET /v2/ HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
-                let mut buf = [0u8; 32];
-                if s.write_all(req.as_bytes()).is_ok()
-                    && s.read(&mut buf).is_ok_and(|n| n >= 12)
-                    && (buf.starts_with(b"HTTP/1.1 200") || buf.starts_with(b"HTTP/1.1 401"))
-                {
-                    return Ok(TestRegistry {
-                        child,
-                        host,
-                        _dir: dir,
-                    });
-                }
+            // Over TLS this is a full handshake verified against the test CA, so a registry
+            // that is up but serves the wrong certificate never counts as ready.
+            if let Some(answer) = http_get(&host, "/v2/", tls.as_ref())
+                && (answer.starts_with(b"HTTP/1.1 200") || answer.starts_with(b"HTTP/1.1 401"))
+            {
+                return Ok(TestRegistry {
+                    child,
+                    host,
+                    tls,
+                    _dir: dir,
+                });
             }
             if Instant::now() > deadline {
                 let _ = child.kill();
@@ -131,6 +162,12 @@ impl TestRegistry {
         &self.host
     }
 
+    /// `https://127.0.0.1:port` when serving TLS, else `http://127.0.0.1:port`.
+    pub fn base_url(&self) -> String {
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://{}", self.host)
+    }
+
     /// Every request the registry has answered, as `METHOD /path?query`, from its access log.
     /// A sentinel request is sent and awaited first, so everything answered before the call is
     /// in the list.
@@ -141,18 +178,7 @@ impl TestRegistry {
     /// Every request the registry has answered, with its status and the bytes it sent back.
     pub fn responses(&self) -> Vec<Answered> {
         let sentinel = format!("/v2/?sentinel={}", rand::random::<u64>());
-        if let Ok(mut s) = std::net::TcpStream::connect(&self.host) {
-            use std::io::{Read, Write};
-            let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
-            let req = format!(
-                "GET {sentinel} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n",
-                self.host
-            );
-            let mut sink = Vec::new();
-            let _ = s
-                .write_all(req.as_bytes())
-                .and_then(|_| s.read_to_end(&mut sink));
-        }
+        let _ = http_get(&self.host, &sentinel, self.tls.as_ref());
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             let log =
@@ -178,6 +204,37 @@ impl TestRegistry {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+}
+
+/// `GET path` with `Connection: close`; the raw answer (status line first), or `None` when the
+/// connection or the TLS handshake fails. Blocking, with short timeouts: harness probes only.
+fn http_get(host: &str, path: &str, tls: Option<&Arc<rustls::ClientConfig>>) -> Option<Vec<u8>> {
+    let mut tcp = TcpStream::connect(host).ok()?;
+    tcp.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    tcp.set_write_timeout(Some(Duration::from_secs(2))).ok()?;
+    let req = format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
+    let mut answer = Vec::new();
+    let result = match tls {
+        None => tcp
+            .write_all(req.as_bytes())
+            .and_then(|_| tcp.read_to_end(&mut answer)),
+        Some(config) => {
+            let ip = host.rsplit_once(':').map_or(host, |(ip, _)| ip).to_string();
+            let name = rustls::pki_types::ServerName::try_from(ip).ok()?;
+            let conn = rustls::ClientConnection::new(config.clone(), name).ok()?;
+            let mut stream = rustls::StreamOwned::new(conn, tcp);
+            stream
+                .write_all(req.as_bytes())
+                .and_then(|_| stream.read_to_end(&mut answer))
+        }
+    };
+    // A server that closes without TLS close_notify (or a timeout after the answer arrived)
+    // still answered: what was read counts.
+    match result {
+        Ok(_) => Some(answer),
+        Err(_) if !answer.is_empty() => Some(answer),
+        Err(_) => None,
     }
 }
 
