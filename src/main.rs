@@ -1,11 +1,15 @@
 //! The `imagemirror` binary: parses arguments and wires the library together.
 #![forbid(unsafe_code)]
 
+use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use clap::{Parser, Subcommand, ValueEnum};
-use imagemirror::cli::{self, MirrorOptions, OutputFormat};
+use tracing_subscriber::fmt::writer::BoxMakeWriter;
+
+use imagemirror::cli::{self, Bars, MirrorOptions, OutputFormat, ProgressMode};
 use imagemirror::controller::{ControllerConfig, LeaderElection};
 use imagemirror::transfer::EngineConfig;
 
@@ -182,14 +186,34 @@ struct MirrorArgs {
     /// Summary format.
     #[arg(long, value_enum, default_value_t = OutputFormat::Text)]
     output: OutputFormat,
+    /// Blobs larger than this go up in resumable chunks (KiB, MiB, GiB); smaller ones in one PUT.
+    #[arg(long, value_parser = cli::parse_size, default_value = "64MiB")]
+    chunked_threshold: u64,
+    /// Size of each chunk of a chunked upload (at least 64KiB).
+    #[arg(long, value_parser = cli::parse_size, default_value = "16MiB")]
+    chunk_size: u64,
+    /// Requests per second to any one registry [default: no limit; a 429 with Retry-After always pauses the registry].
+    #[arg(long)]
+    rate_limit: Option<f64>,
+    /// Progress display: bars on a terminal and plain lines elsewhere (auto), or as chosen.
+    #[arg(long, value_enum, default_value_t = ProgressMode::Auto)]
+    progress: ProgressMode,
 }
 
-fn init_logging(format: LogFormat, filter: &str) {
+/// Sets up logging to stderr; with progress bars, log lines go above the bars.
+fn init_logging(format: LogFormat, filter: &str, bars: Option<&Arc<Bars>>) {
     let filter = tracing_subscriber::EnvFilter::try_new(filter)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let writer = match bars {
+        Some(bars) => {
+            let bars = bars.clone();
+            BoxMakeWriter::new(move || bars.log_writer())
+        }
+        None => BoxMakeWriter::new(std::io::stderr),
+    };
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(writer);
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
@@ -199,7 +223,12 @@ fn init_logging(format: LogFormat, filter: &str) {
 fn main() -> ExitCode {
     imagemirror::install_crypto_provider();
     let args = Cli::parse();
-    init_logging(args.log_format, &args.log_level);
+    let mode = match &args.command {
+        Command::Mirror(m) => m.progress.resolve(std::io::stderr().is_terminal()),
+        _ => ProgressMode::None,
+    };
+    let bars = (mode == ProgressMode::Bars).then(Bars::new);
+    init_logging(args.log_format, &args.log_level, bars.as_ref());
     match args.command {
         Command::Controller(c) => match tokio::runtime::Runtime::new() {
             Ok(rt) => rt.block_on(run_controller(c)),
@@ -221,6 +250,14 @@ fn main() -> ExitCode {
                 concurrency: m.concurrency,
                 registry_concurrency: m.registry_concurrency,
                 output: m.output,
+                chunked_threshold: m.chunked_threshold,
+                chunk_size: m.chunk_size,
+                rate_limit: m.rate_limit.filter(|r| *r > 0.0),
+            };
+            let progress = match (&bars, mode) {
+                (Some(bars), _) => bars.sink(),
+                (None, ProgressMode::Plain) => cli::line_progress(),
+                (None, _) => imagemirror::transfer::no_progress(),
             };
             let runtime = match tokio::runtime::Runtime::new() {
                 Ok(r) => r,
@@ -229,7 +266,11 @@ fn main() -> ExitCode {
                     return ExitCode::from(2);
                 }
             };
-            match runtime.block_on(cli::run_mirror(&opts, cli::line_progress())) {
+            let result = runtime.block_on(cli::run_mirror(&opts, progress));
+            if let Some(bars) = &bars {
+                bars.finish();
+            }
+            match result {
                 Ok(outcomes) => {
                     print!("{}", cli::render(&outcomes, opts.output));
                     if outcomes.iter().any(|o| o.failed()) {

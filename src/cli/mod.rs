@@ -2,6 +2,7 @@
 //! engine, print a summary. `main.rs` only parses arguments and calls in here.
 
 mod output;
+mod progress;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -12,9 +13,10 @@ use serde::Deserialize;
 use crate::api::{ImageMirror, ImageMirrorSpec};
 use crate::mirror::{self, ClientPool, Counters, EndpointAccess, SpecError, SyncError, SyncReport};
 use crate::registry::DockerConfig;
-use crate::transfer::{BlobProgress, BlobState, Engine, EngineConfig, ProgressSink};
+use crate::transfer::{BlobProgress, BlobState, Engine, EngineConfig, ProgressSink, RateLimit};
 
 pub use output::{OutputFormat, render};
+pub use progress::{AboveBars, Bars, ProgressMode};
 
 /// Options of `imagemirror mirror`.
 #[derive(Clone, Debug)]
@@ -33,6 +35,12 @@ pub struct MirrorOptions {
     pub concurrency: usize,
     /// Blob transfers at once per registry.
     pub registry_concurrency: usize,
+    /// Blobs larger than this many bytes go up in resumable chunks.
+    pub chunked_threshold: u64,
+    /// Bytes per chunk of a chunked upload.
+    pub chunk_size: u64,
+    /// Requests per second to any one registry; `None` does not pace.
+    pub rate_limit: Option<f64>,
     /// Summary format.
     pub output: OutputFormat,
 }
@@ -174,6 +182,13 @@ pub async fn run_mirror(
     let engine = Engine::new(EngineConfig {
         max_concurrent: opts.concurrency.max(1),
         max_per_registry: opts.registry_concurrency.max(1),
+        chunked_threshold: opts.chunked_threshold,
+        chunk_size: opts.chunk_size,
+        rate_limit: opts.rate_limit.map(|per_second| RateLimit {
+            per_second,
+            // A second's worth at once, so pacing does not serialise concurrent transfers.
+            burst: per_second.ceil().clamp(1.0, 1000.0) as u32,
+        }),
         ..EngineConfig::default()
     });
     let pool = ClientPool::new();
@@ -280,4 +295,42 @@ pub fn line_progress() -> ProgressSink {
         }
         _ => {}
     })
+}
+
+/// Parses a byte size: `1048576`, `512KiB`, `16MiB`, `1GiB` (also `K`, `M`, `G`, `KB`, ...:
+/// every unit is binary).
+pub fn parse_size(text: &str) -> Result<u64, String> {
+    let t = text.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (number, unit) = t.split_at(split);
+    let number: u64 = number
+        .parse()
+        .map_err(|_| format!("{text:?} is not a size like 16MiB"))?;
+    let shift = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 0,
+        "k" | "kb" | "kib" => 10,
+        "m" | "mb" | "mib" => 20,
+        "g" | "gb" | "gib" => 30,
+        _ => return Err(format!("{text:?}: unknown unit (use KiB, MiB or GiB)")),
+    };
+    number
+        .checked_mul(1 << shift)
+        .ok_or_else(|| format!("{text:?} is too large"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_size;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("1048576"), Ok(1 << 20));
+        assert_eq!(parse_size("16MiB"), Ok(16 << 20));
+        assert_eq!(parse_size("8M"), Ok(8 << 20));
+        assert_eq!(parse_size("512kib"), Ok(512 << 10));
+        assert_eq!(parse_size("1GiB"), Ok(1 << 30));
+        for bad in ["", "MiB", "1.5MiB", "12 parsecs", "99999999999GiB"] {
+            assert!(parse_size(bad).is_err(), "{bad}");
+        }
+    }
 }

@@ -117,9 +117,17 @@ pub async fn run(
     progress: ProgressSink,
     counters: Arc<Counters>,
 ) -> Vec<ItemResult> {
+    // Manifest requests take their turn in the registries' request buckets like the engine's
+    // blob requests do; the raw endpoints go into blob requests, which the engine paces itself.
+    let paced = |e: &Endpoint| Endpoint {
+        registry: engine.rate_limited(e.registry.clone()),
+        repo: e.repo.clone(),
+    };
     let ctx = Ctx {
         engine,
         job,
+        source: paced(&job.source),
+        destination: paced(&job.destination),
         progress,
         counters,
     };
@@ -139,6 +147,9 @@ pub async fn run(
 struct Ctx<'a> {
     engine: &'a Engine,
     job: &'a MirrorJob,
+    /// The job's endpoints, rate-limited, for manifest requests.
+    source: Endpoint,
+    destination: Endpoint,
     progress: ProgressSink,
     counters: Arc<Counters>,
 }
@@ -163,7 +174,7 @@ impl Ctx<'_> {
         item: &Item,
         out: &mut ItemResult,
     ) -> Result<ItemOutcome, MirrorError> {
-        let (src, dst) = (&self.job.source, &self.job.destination);
+        let (src, dst) = (&self.source, &self.destination);
         let reference = item.name();
         let retry = &self.engine.config().retry;
         let head = retry
@@ -259,7 +270,7 @@ impl Ctx<'_> {
     }
 
     async fn copy_child_manifest(&self, digest: String, depth: usize) -> Result<(), MirrorError> {
-        let (src, dst) = (&self.job.source, &self.job.destination);
+        let (src, dst) = (&self.source, &self.destination);
         let retry = &self.engine.config().retry;
         let present = retry
             .run(

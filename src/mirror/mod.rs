@@ -158,13 +158,11 @@ pub async fn sync(
     counters: Arc<Counters>,
 ) -> Result<SyncReport, SyncError> {
     let tags = if plan::needs_tag_list(&spec.tags) {
+        let registry = engine.rate_limited(source.registry.clone());
         engine
             .config()
             .retry
-            .run(
-                |_| source.registry.list_tags(source.repo.path()),
-                |_, _, _| {},
-            )
+            .run(|_| registry.list_tags(source.repo.path()), |_, _, _| {})
             .await
             .map_err(|e| SyncError::TagList {
                 repository: source.repo.to_string(),

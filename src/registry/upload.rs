@@ -149,9 +149,7 @@ impl RegistryClient {
             .headers()
             .get(RANGE)
             .and_then(|v| v.to_str().ok())
-            .and_then(|r| r.rsplit_once('-'))
-            .and_then(|(_, end)| end.trim().parse::<u64>().ok())
-            .map(|end| end + 1)
+            .map(held_bytes)
             .unwrap_or(0);
         let next = self
             .location(&what, &resp)
@@ -188,6 +186,20 @@ impl RegistryClient {
     }
 }
 
+/// Bytes a session holds, from its `Range: 0-<last byte>` header. Distribution answers `0-0`
+/// for an empty session (it cannot tell one byte from none), which is read as 0: an empty
+/// session is what a client meets, one holding a single byte is not. Anything unreadable is 0.
+fn held_bytes(range: &str) -> u64 {
+    let range = range.trim().trim_start_matches("bytes=");
+    match range.split_once('-') {
+        Some((_, end)) => match end.trim().parse::<u64>() {
+            Ok(0) | Err(_) => 0,
+            Ok(last) => last + 1,
+        },
+        None => 0,
+    }
+}
+
 /// The session location with `digest=` added to its query.
 fn with_digest(location: &str, digest: &str, what: &str) -> Result<String> {
     let mut url = url::Url::parse(location).map_err(|e| RegistryError::Status {
@@ -198,4 +210,18 @@ fn with_digest(location: &str, digest: &str, what: &str) -> Result<String> {
     })?;
     url.query_pairs_mut().append_pair("digest", digest);
     Ok(url.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn session_ranges() {
+        assert_eq!(held_bytes("0-0"), 0);
+        assert_eq!(held_bytes("0-999"), 1000);
+        assert_eq!(held_bytes("bytes=0-8388607"), 8 * 1024 * 1024);
+        assert_eq!(held_bytes("0--1"), 0);
+        assert_eq!(held_bytes("garbage"), 0);
+    }
 }

@@ -1,16 +1,19 @@
 //! One blob transfer: HEAD the destination, mount from a sibling, or stream from the source
-//! through a verifying hash into an upload session; retried as the policy says.
+//! into an upload session (one verifying PUT for small blobs, resumable chunks for large
+//! ones); retried as the policy says. A session that is left open, because the transfer failed
+//! for good or was aborted when every watcher left, is DELETEd.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use futures_util::StreamExt;
-use tokio::sync::watch;
+use tokio::sync::{Mutex, watch};
 
+use super::chunked;
 use super::verify::{FailureSlot, Verify};
 use super::{BlobOutcome, BlobRequest, BlobState, Engine};
 use crate::registry::digest::Hasher;
-use crate::registry::{MountOutcome, RegistryError};
+use crate::registry::{MountOutcome, Registry, RegistryError};
 
 /// Runs the transfer under the engine's limits and retry policy.
 pub(super) async fn run(
@@ -22,11 +25,16 @@ pub(super) async fn run(
     let _permits = engine
         .permits(req.source.host(), req.destination.host())
         .await;
-    engine
+    // Outlives the attempts, so a chunked upload can continue in the next one; dropped with
+    // this future when the transfer is aborted, which cancels the session.
+    let session = Mutex::new(Session::new(req.destination.clone(), &req.destination_repo));
+    let sent = Arc::new(AtomicU64::new(0));
+    let chunk = (req.size > engine.config().chunked_threshold).then(|| engine.chunk_size());
+    let result = engine
         .config()
         .retry
         .run(
-            |_| attempt(req, mount_from, tx),
+            |_| attempt(req, mount_from, chunk, &session, &sent, tx),
             |attempt, delay, err| {
                 tracing::debug!(digest = %req.digest, attempt, ?delay, error = %err, "blob transfer failed, retrying");
                 tx.send_replace(BlobState::Retrying {
@@ -36,23 +44,72 @@ pub(super) async fn run(
                 });
             },
         )
-        .await
+        .await;
+    // Failed for good: free what the registry holds for us now rather than from Drop.
+    session.lock().await.cancel().await;
+    result
 }
 
 async fn attempt(
     req: &BlobRequest,
     mount_from: Option<&str>,
+    chunk: Option<u64>,
+    session: &Mutex<Session>,
+    sent: &Arc<AtomicU64>,
     tx: &Arc<watch::Sender<BlobState>>,
 ) -> Result<BlobOutcome, RegistryError> {
+    let mut session = session.lock().await;
     let dst = &req.destination;
-    let repo = req.destination_repo.as_str();
-    let digest = req.digest.as_str();
-    if dst.blob_size(repo, digest).await?.is_some() {
+    if dst
+        .blob_size(&req.destination_repo, &req.digest)
+        .await?
+        .is_some()
+    {
+        // Someone else finished it, or our last attempt's answer was lost.
+        session.cancel().await;
         return Ok(BlobOutcome::Exists);
     }
+    let Some(chunk) = chunk else {
+        let location = match open_session(req, mount_from).await? {
+            Opened::Mounted => return Ok(BlobOutcome::Mounted),
+            Opened::Session(location) => location,
+        };
+        session.open(location.clone());
+        let result = put_whole(req, &location, sent, tx).await;
+        // A PUT cut short cannot be continued: its session goes either way.
+        match result {
+            Ok(_) => session.close(),
+            Err(_) => session.cancel().await,
+        }
+        return result;
+    };
+    let offset = match chunked::resume_offset(req, &mut session).await? {
+        Some(offset) => offset,
+        None => {
+            match open_session(req, mount_from).await? {
+                Opened::Mounted => return Ok(BlobOutcome::Mounted),
+                Opened::Session(location) => session.open(location),
+            }
+            0
+        }
+    };
+    chunked::upload(req, &mut session, offset, chunk, sent, tx).await
+}
+
+enum Opened {
+    Mounted,
+    Session(String),
+}
+
+/// Mounts from `mount_from` when given, else (or when the registry will not) opens a session.
+async fn open_session(
+    req: &BlobRequest,
+    mount_from: Option<&str>,
+) -> Result<Opened, RegistryError> {
+    let (dst, repo) = (&req.destination, req.destination_repo.as_str());
     let location = match mount_from {
-        Some(from) => match dst.mount_blob(repo, digest, from).await {
-            Ok(MountOutcome::Mounted) => return Ok(BlobOutcome::Mounted),
+        Some(from) => match dst.mount_blob(repo, &req.digest, from).await {
+            Ok(MountOutcome::Mounted) => return Ok(Opened::Mounted),
             Ok(MountOutcome::Upload(location)) => location,
             // A mount the registry will not do (no read access to `from`, say) is not the
             // blob's failure: copy it instead.
@@ -61,38 +118,128 @@ async fn attempt(
         },
         None => dst.start_upload(repo).await?,
     };
+    Ok(Opened::Session(location))
+}
+
+/// Streams the whole blob through a verifying hash into one PUT.
+async fn put_whole(
+    req: &BlobRequest,
+    location: &str,
+    sent: &Arc<AtomicU64>,
+    tx: &Arc<watch::Sender<BlobState>>,
+) -> Result<BlobOutcome, RegistryError> {
+    let digest = req.digest.as_str();
     tx.send_replace(BlobState::Copying {
         done: 0,
         total: req.size,
     });
-    let source = match req.source.get_blob(&req.source_repo, digest, 0).await {
-        Ok(s) => s,
-        Err(e) => {
-            dst.cancel_upload(repo, &location).await;
-            return Err(e);
-        }
-    };
+    let source = req.source.get_blob(&req.source_repo, digest, 0).await?;
     let failure = FailureSlot::default();
-    let sent = Arc::new(AtomicU64::new(0));
     let (counter, progress, total) = (sent.clone(), tx.clone(), req.size);
+    let mut done = 0;
     let body = Verify::new(source, digest, req.size, Hasher::new(), failure.clone())
         .on_bytes(move |n| {
-            let done = counter.fetch_add(n, Ordering::Relaxed) + n;
+            counter.fetch_add(n, Ordering::Relaxed);
+            done += n;
             progress.send_replace(BlobState::Copying { done, total });
         })
         .boxed();
-    match dst
-        .put_upload(repo, &location, digest, req.size, body)
+    match req
+        .destination
+        .put_upload(&req.destination_repo, location, digest, req.size, body)
         .await
     {
         Ok(()) => Ok(BlobOutcome::Copied {
             bytes_sent: sent.load(Ordering::Relaxed),
         }),
-        Err(e) => {
-            dst.cancel_upload(repo, &location).await;
-            // The verifier's finding explains the failed upload better than the upload's error.
-            let found = failure.lock().ok().and_then(|mut s| s.take());
-            Err(found.unwrap_or(e))
+        // The verifier's finding explains the failed upload better than the upload's error.
+        Err(e) => Err(chunked::take(&failure).unwrap_or(e)),
+    }
+}
+
+/// Our upload session at the destination, if one is open: where it is and what it is known
+/// to hold. Dropped while open (the transfer was aborted), it is DELETEd in the background.
+pub(super) struct Session {
+    dst: Arc<dyn Registry>,
+    repo: String,
+    open: Option<Open>,
+}
+
+struct Open {
+    /// The latest location the registry gave: distribution signs the session's offset into it
+    /// and refuses older ones.
+    location: String,
+    /// Hash of the bytes the session is known to hold; its length is their count.
+    held: Hasher,
+}
+
+impl Session {
+    fn new(dst: Arc<dyn Registry>, repo: &str) -> Self {
+        Session {
+            dst,
+            repo: repo.to_string(),
+            open: None,
         }
+    }
+
+    /// Records a new, empty session.
+    pub(super) fn open(&mut self, location: String) {
+        self.open = Some(Open {
+            location,
+            held: Hasher::new(),
+        });
+    }
+
+    /// The session's current location, when one is open.
+    pub(super) fn location(&self) -> Option<&str> {
+        self.open.as_ref().map(|o| o.location.as_str())
+    }
+
+    /// Hash of the bytes the session is known to hold (empty when none is open).
+    pub(super) fn held(&self) -> Hasher {
+        self.open
+            .as_ref()
+            .map(|o| o.held.clone())
+            .unwrap_or_default()
+    }
+
+    /// The session holds the bytes `held` has seen and now lives at `location`.
+    pub(super) fn advance(&mut self, location: String, held: Hasher) {
+        self.open = Some(Open { location, held });
+    }
+
+    /// The session moved to `location` (a status answer), holding what it held.
+    pub(super) fn relocate(&mut self, location: String) {
+        if let Some(o) = self.open.as_mut() {
+            o.location = location;
+        }
+    }
+
+    /// The blob was committed: the session is gone, nothing to cancel.
+    pub(super) fn close(&mut self) {
+        self.open = None;
+    }
+
+    /// DELETEs the session now (best effort).
+    pub(super) async fn cancel(&mut self) {
+        if let Some(o) = self.open.take() {
+            self.dst.cancel_upload(&self.repo, &o.location).await;
+        }
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        let Some(open) = self.open.take() else {
+            return;
+        };
+        // Drop cannot wait: hand the DELETE to the runtime. Without one (process exit) the
+        // registry's upload purging reclaims the session eventually.
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let (dst, repo) = (self.dst.clone(), std::mem::take(&mut self.repo));
+        tracing::debug!(repository = %repo, "cancelling the upload session of an aborted transfer");
+        runtime.spawn(async move { dst.cancel_upload(&repo, &open.location).await });
     }
 }

@@ -7,7 +7,9 @@
 //! waits for the first and then mounts instead of copying the bytes again.
 
 mod blob;
+mod chunked;
 mod progress;
+mod ratelimit;
 mod retry;
 mod verify;
 
@@ -20,6 +22,7 @@ use tokio::task::AbortHandle;
 use crate::registry::{Registry, RegistryError};
 
 pub use progress::{BlobOutcome, BlobProgress, BlobState, ProgressSink, no_progress};
+pub use ratelimit::{RateLimit, RateLimited};
 pub use retry::RetryPolicy;
 pub use verify::{FailureSlot, Verify};
 
@@ -31,9 +34,24 @@ pub struct EngineConfig {
     /// Blob transfers running at once against any one registry (source or destination).
     /// Default 4.
     pub max_per_registry: usize,
-    /// Retry policy for blob transfers. Default: 5 attempts, 500 ms base, 30 s cap.
+    /// Retry policy for blob transfers. Default: 5 attempts, 500 ms base, 30 s cap. Its cap
+    /// also bounds how long a `429` with `Retry-After` pauses a registry.
     pub retry: RetryPolicy,
+    /// Blobs larger than this many bytes go up in chunks (PATCH) that can be resumed after a
+    /// failure; smaller ones in one streaming PUT, which costs the registry fewer requests.
+    /// Default 64 MiB: losing a smaller blob's upload costs less than a second on a fast link.
+    pub chunked_threshold: u64,
+    /// Bytes per chunk of a chunked upload (at least 64 KiB). Default 16 MiB: a failure loses at
+    /// most one chunk on registries that can resume, and a 1 GiB blob costs 64 requests.
+    pub chunk_size: u64,
+    /// Requests per second to any one registry host, shared by every mirror in the process;
+    /// `None` does not pace. Either way a `429` with `Retry-After` pauses every request to
+    /// that host for that long (capped by `retry.max_delay`). Default `None`.
+    pub rate_limit: Option<RateLimit>,
 }
+
+/// Smallest chunk the engine sends: below it the per-request cost dominates.
+const MIN_CHUNK: u64 = 64 * 1024;
 
 impl Default for EngineConfig {
     fn default() -> Self {
@@ -41,6 +59,9 @@ impl Default for EngineConfig {
             max_concurrent: 8,
             max_per_registry: 4,
             retry: RetryPolicy::default(),
+            chunked_threshold: 64 * 1024 * 1024,
+            chunk_size: 16 * 1024 * 1024,
+            rate_limit: None,
         }
     }
 }
@@ -97,6 +118,8 @@ struct Inner {
     config: EngineConfig,
     global: Arc<Semaphore>,
     per_registry: Mutex<HashMap<String, Arc<Semaphore>>>,
+    /// Request pacing per registry host.
+    buckets: Mutex<HashMap<String, Arc<ratelimit::Bucket>>>,
     state: Mutex<Book>,
 }
 
@@ -115,6 +138,7 @@ impl Engine {
                 config,
                 global,
                 per_registry: Mutex::new(HashMap::new()),
+                buckets: Mutex::new(HashMap::new()),
                 state: Mutex::new(Book::default()),
             }),
         }
@@ -143,6 +167,31 @@ impl Engine {
         map.entry(host.to_string())
             .or_insert_with(|| Arc::new(Semaphore::new(self.inner.config.max_per_registry.max(1))))
             .clone()
+    }
+
+    /// `registry` with its host's request pacing: every request waits its turn in the host's
+    /// bucket, and a `429` with `Retry-After` pauses the host for every client of it. The
+    /// engine applies this to the registries of every [`BlobRequest`]; callers wrap the ones
+    /// they use for other requests (manifests, tag lists). Do not wrap twice.
+    pub fn rate_limited(&self, registry: Arc<dyn Registry>) -> Arc<dyn Registry> {
+        let bucket = {
+            let mut map = self.inner.buckets.lock().unwrap_or_else(|p| p.into_inner());
+            let config = &self.inner.config;
+            map.entry(registry.host().to_string())
+                .or_insert_with(|| {
+                    Arc::new(ratelimit::Bucket::new(
+                        config.rate_limit,
+                        config.retry.max_delay,
+                    ))
+                })
+                .clone()
+        };
+        Arc::new(RateLimited::new(registry, bucket))
+    }
+
+    /// The chunk size in effect (the configured one, at least [`MIN_CHUNK`]).
+    fn chunk_size(&self) -> u64 {
+        self.inner.config.chunk_size.max(MIN_CHUNK)
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Book> {
@@ -205,7 +254,12 @@ impl Engine {
                         .get(&digest_key)
                         .filter(|r| **r != req.destination_repo)
                         .cloned();
-                    let t = self.spawn(req.clone(), key.clone(), sibling, holder);
+                    let paced = BlobRequest {
+                        source: self.rate_limited(req.source.clone()),
+                        destination: self.rate_limited(req.destination.clone()),
+                        ..req.clone()
+                    };
+                    let t = self.spawn(paced, key.clone(), sibling, holder);
                     st.in_flight.insert(key.clone(), Arc::downgrade(&t));
                     st.by_digest.insert(digest_key, Arc::downgrade(&t));
                     t

@@ -6,4 +6,6 @@ mod copy;
 mod crd;
 mod faults;
 mod kube_api;
+mod memory;
+mod resume;
 mod support;

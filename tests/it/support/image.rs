@@ -1,11 +1,15 @@
 //! Seeds registries with synthetic images through the registry HTTP API, and reads them back.
 //! Speaks basic auth and the bearer token dance like `docker push` does, over HTTP or HTTPS.
 
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use futures_util::StreamExt;
 use rand::{RngCore, SeedableRng};
-use reqwest::header::{ACCEPT, CONTENT_TYPE, LOCATION, WWW_AUTHENTICATE};
+use reqwest::header::{ACCEPT, CONTENT_LENGTH, CONTENT_TYPE, LOCATION, WWW_AUTHENTICATE};
 use serde_json::json;
 
-use imagemirror::registry::digest::sha256_digest;
+use imagemirror::registry::digest::{Hasher, sha256_digest};
 use imagemirror::registry::manifest::{DOCKER_LIST, DOCKER_MANIFEST, OCI_INDEX, OCI_MANIFEST};
 
 use super::token::bearer_params;
@@ -138,6 +142,63 @@ impl Seeder {
             .expect("PUT blob");
         assert_eq!(resp.status(), 201, "finish upload of {digest}");
         (digest, bytes.len() as u64)
+    }
+
+    /// Pushes `size` reproducible pseudo-random bytes without holding them: 1 MiB blocks of
+    /// one random block, each stamped with its index, streamed into one PATCH and hashed on
+    /// the way, then committed by digest.
+    pub async fn push_blob_stream(&self, repo: &str, size: u64, seed: u64) -> (String, u64) {
+        const BLOCK: u64 = 1 << 20;
+        let resp = self
+            .send(self.req(
+                reqwest::Method::POST,
+                &self.url(&format!("/v2/{repo}/blobs/uploads/")),
+            ))
+            .await
+            .expect("POST upload");
+        assert_eq!(resp.status(), 202, "start upload in {repo}");
+        let loc = self.absolute(resp.headers()[LOCATION].to_str().unwrap());
+        let base = Bytes::from(random_bytes(seed, BLOCK as usize));
+        let hasher = Arc::new(Mutex::new(Hasher::new()));
+        let h = hasher.clone();
+        let blocks = futures_util::stream::iter(0..size.div_ceil(BLOCK)).map(move |i| {
+            let len = BLOCK.min(size - i * BLOCK) as usize;
+            let mut block = base[..len].to_vec();
+            let stamp = i.to_le_bytes();
+            let n = stamp.len().min(len);
+            block[..n].copy_from_slice(&stamp[..n]);
+            h.lock().unwrap().update(&block);
+            Ok::<_, std::io::Error>(Bytes::from(block))
+        });
+        // A streamed body cannot be replayed after a token challenge: Basic or anonymous only.
+        let patch = self
+            .req(reqwest::Method::PATCH, &loc)
+            .header(CONTENT_TYPE, "application/octet-stream")
+            .header(CONTENT_LENGTH, size)
+            .body(reqwest::Body::wrap_stream(blocks));
+        let patch = match &self.basic {
+            Some((u, p)) => patch.basic_auth(u, Some(p)),
+            None => patch,
+        };
+        let resp = patch.send().await.expect("PATCH blob");
+        assert_eq!(resp.status(), 202, "stream {size} bytes into {repo}");
+        let loc = self.absolute(resp.headers()[LOCATION].to_str().unwrap());
+        let digest = std::mem::take(&mut *hasher.lock().unwrap()).finish();
+        let sep = if loc.contains('?') { '&' } else { '?' };
+        let resp = self
+            .send(self.req(reqwest::Method::PUT, &format!("{loc}{sep}digest={digest}")))
+            .await
+            .expect("PUT blob");
+        assert_eq!(resp.status(), 201, "finish upload of {digest}");
+        (digest, size)
+    }
+
+    fn absolute(&self, location: &str) -> String {
+        if location.starts_with("http") {
+            location.to_string()
+        } else {
+            self.url(location)
+        }
     }
 
     pub async fn put_manifest(
@@ -312,18 +373,18 @@ impl Seeder {
             .get(reqwest::header::CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
         assert_eq!(len, Some(size), "size of {digest} in {repo}");
-        let body = self
+        // Hashed as it streams: blobs in these tests go up to hundreds of MiB.
+        let mut body = self
             .send(self.req(reqwest::Method::GET, &url))
             .await
             .expect("GET blob")
-            .bytes()
-            .await
-            .unwrap();
-        assert_eq!(
-            sha256_digest(&body),
-            digest,
-            "content of {digest} in {repo}"
-        );
+            .bytes_stream();
+        let mut hasher = Hasher::new();
+        while let Some(chunk) = body.next().await {
+            hasher.update(&chunk.expect("read blob"));
+        }
+        assert_eq!(hasher.len(), size, "bytes of {digest} in {repo}");
+        assert_eq!(hasher.finish(), digest, "content of {digest} in {repo}");
     }
 
     /// Asserts the destination holds `pushed` byte-identical under `reference`, with every blob.

@@ -1,14 +1,18 @@
 //! A fault-injecting HTTP proxy in front of a real registry: connection resets mid-blob,
-//! 5xx bursts, 429 with Retry-After, byte flips in blobs, an oversized manifest.
+//! 5xx bursts, 429 with Retry-After, byte flips in blobs, an oversized manifest, upload PATCHes
+//! cut before or after the registry saw them, blob GETs that never answer; and counters of the
+//! upload bytes that crossed it.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 
 use axum::body::Body;
-use axum::extract::{Request, State};
+use axum::extract::{ConnectInfo, Request, State};
 use axum::response::Response;
 use bytes::Bytes;
 use futures_util::StreamExt;
+
+use super::cut::{Cut, CuttableListener};
 
 /// Faults to inject; counters count down as they fire.
 #[derive(Default)]
@@ -23,6 +27,28 @@ pub struct Faults {
     pub corrupt_blobs: AtomicBool,
     /// Answer manifest GETs with a 5 MiB document.
     pub giant_manifests: AtomicBool,
+    /// Upload PATCH number N (from 1) is cut like a buffering front proxy (nginx's default)
+    /// losing the client: `cut_patch_after` bytes of its body are read, nothing reaches the
+    /// registry, the connection drops without an answer. 0: never.
+    pub cut_patch: AtomicU32,
+    /// Body bytes read from the cut PATCH before the connection drops.
+    pub cut_patch_after: AtomicU64,
+    /// Upload PATCH number N (from 1) reaches the registry whole, but the connection drops
+    /// before its answer gets back. 0: never.
+    pub lose_patch_answer: AtomicU32,
+    /// Upload PATCH number N (from 1) answers 404 `BLOB_UPLOAD_UNKNOWN` without reaching the
+    /// registry, as for a session the registry purged. 0: never.
+    pub gone_patch: AtomicU32,
+    /// Blob GETs get no answer at all (until the client gives up).
+    pub hold_blob_gets: AtomicBool,
+    /// Upload PATCHes seen (counting cut ones).
+    pub patches_seen: AtomicU32,
+    /// Blob GETs that are being held.
+    pub held_gets: AtomicU32,
+    /// Upload body bytes (PATCH and PUT) forwarded to the registry.
+    pub upload_bytes_forwarded: AtomicU64,
+    /// Upload body bytes read from clients and never forwarded (cut or refused PATCHes).
+    pub upload_bytes_dropped: AtomicU64,
 }
 
 /// A running proxy; stops when dropped.
@@ -62,9 +88,12 @@ impl FaultProxy {
                 .unwrap(),
             faults: faults.clone(),
         });
-        let app = axum::Router::new().fallback(forward).with_state(ctx);
+        let app = axum::Router::new()
+            .fallback(forward)
+            .with_state(ctx)
+            .into_make_service_with_connect_info::<Cut>();
         let task = tokio::spawn(async move {
-            let _ = axum::serve(listener, app).await;
+            let _ = axum::serve(CuttableListener(listener), app).await;
         });
         FaultProxy { host, faults, task }
     }
@@ -92,7 +121,11 @@ fn status(code: u16, extra: Option<(&str, &str)>) -> Response {
     .unwrap()
 }
 
-async fn forward(State(ctx): State<Arc<Ctx>>, req: Request) -> Response {
+async fn forward(
+    State(ctx): State<Arc<Ctx>>,
+    ConnectInfo(cut): ConnectInfo<Cut>,
+    req: Request,
+) -> Response {
     let f = &ctx.faults;
     if take(&f.unavailable) {
         return status(503, None);
@@ -107,6 +140,43 @@ async fn forward(State(ctx): State<Arc<Ctx>>, req: Request) -> Response {
         .map(|p| p.to_string())
         .unwrap_or_default();
     let is_blob_get = method == axum::http::Method::GET && path.contains("/blobs/sha256:");
+    let is_upload = (method == axum::http::Method::PATCH || method == axum::http::Method::PUT)
+        && path.contains("/blobs/uploads/");
+    let patch_number = (method == axum::http::Method::PATCH && is_upload)
+        .then(|| f.patches_seen.fetch_add(1, Ordering::SeqCst) + 1);
+    if patch_number.is_some_and(|n| n == f.cut_patch.load(Ordering::SeqCst)) {
+        let limit = f.cut_patch_after.load(Ordering::SeqCst);
+        let mut body = req.into_body().into_data_stream();
+        let mut read = 0u64;
+        while read < limit {
+            match body.next().await {
+                Some(Ok(chunk)) => read += chunk.len() as u64,
+                _ => break,
+            }
+        }
+        f.upload_bytes_dropped.fetch_add(read, Ordering::SeqCst);
+        cut.cut();
+        return status(502, None);
+    }
+    if patch_number.is_some_and(|n| n == f.gone_patch.load(Ordering::SeqCst)) {
+        // Read the whole body first, so the client gets the answer rather than a broken pipe.
+        let mut body = req.into_body().into_data_stream();
+        while let Some(Ok(chunk)) = body.next().await {
+            f.upload_bytes_dropped
+                .fetch_add(chunk.len() as u64, Ordering::SeqCst);
+        }
+        return Response::builder()
+            .status(404)
+            .header("Content-Type", "application/json")
+            .body(Body::from(
+                r#"{"errors":[{"code":"BLOB_UPLOAD_UNKNOWN","message":"blob upload unknown to registry"}]}"#,
+            ))
+            .unwrap();
+    }
+    if is_blob_get && f.hold_blob_gets.load(Ordering::SeqCst) {
+        f.held_gets.fetch_add(1, Ordering::SeqCst);
+        return std::future::pending().await;
+    }
     if method == axum::http::Method::GET
         && path.contains("/manifests/")
         && f.giant_manifests.load(Ordering::SeqCst)
@@ -128,7 +198,15 @@ async fn forward(State(ctx): State<Arc<Ctx>>, req: Request) -> Response {
             up = up.header(k, v);
         }
     }
-    let body = reqwest::Body::wrap_stream(req.into_body().into_data_stream());
+    let faults = ctx.faults.clone();
+    let body = reqwest::Body::wrap_stream(req.into_body().into_data_stream().map(move |c| {
+        if let (true, Ok(chunk)) = (is_upload, &c) {
+            faults
+                .upload_bytes_forwarded
+                .fetch_add(chunk.len() as u64, Ordering::SeqCst);
+        }
+        c
+    }));
     let resp = match up.body(body).send().await {
         Ok(r) => r,
         Err(e) => {
@@ -138,6 +216,12 @@ async fn forward(State(ctx): State<Arc<Ctx>>, req: Request) -> Response {
             );
         }
     };
+    if patch_number.is_some_and(|n| n == f.lose_patch_answer.load(Ordering::SeqCst)) {
+        // The registry took the whole chunk; its answer dies with the connection.
+        let _ = resp.bytes().await;
+        cut.cut();
+        return status(502, None);
+    }
     let mut out = Response::builder().status(resp.status().as_u16());
     for (k, v) in resp.headers() {
         if k == reqwest::header::LOCATION {

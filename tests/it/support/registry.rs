@@ -21,6 +21,17 @@ pub struct TestRegistry {
     _dir: tempfile::TempDir,
 }
 
+/// One line of the access log.
+#[derive(Clone, Debug)]
+pub struct Answered {
+    /// `METHOD /path?query`.
+    pub request: String,
+    /// The HTTP status.
+    pub status: u16,
+    /// Response body bytes.
+    pub bytes: u64,
+}
+
 /// Optional settings.
 #[derive(Default, Clone)]
 pub struct RegistryConfig {
@@ -161,6 +172,11 @@ impl TestRegistry {
     /// A sentinel request is sent and awaited first, so everything answered before the call is
     /// in the list.
     pub fn requests(&self) -> Vec<String> {
+        self.responses().into_iter().map(|r| r.request).collect()
+    }
+
+    /// Every request the registry has answered, with its status and the bytes it sent back.
+    pub fn responses(&self) -> Vec<Answered> {
         let sentinel = format!("/v2/?sentinel={}", rand::random::<u64>());
         let _ = http_get(&self.host, &sentinel, self.tls.as_ref());
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -168,11 +184,22 @@ impl TestRegistry {
             let log =
                 std::fs::read_to_string(self._dir.path().join("access.log")).unwrap_or_default();
             if log.contains(&sentinel) || Instant::now() > deadline {
+                // `host - - [date] "METHOD /path HTTP/1.1" status bytes "referer" "agent"`
                 return log
                     .lines()
-                    .filter_map(|l| l.split('"').nth(1))
-                    .filter_map(|r| r.rsplit_once(' ').map(|(req, _proto)| req.to_string()))
-                    .filter(|r| !r.contains("sentinel="))
+                    .filter_map(|l| {
+                        let mut parts = l.split('"');
+                        let request = parts.nth(1)?.rsplit_once(' ')?.0.to_string();
+                        let mut after = parts.next()?.split_whitespace();
+                        let status = after.next()?.parse().ok()?;
+                        let bytes = after.next()?.parse().unwrap_or(0);
+                        Some(Answered {
+                            request,
+                            status,
+                            bytes,
+                        })
+                    })
+                    .filter(|r| !r.request.contains("sentinel="))
                     .collect();
             }
             std::thread::sleep(Duration::from_millis(20));

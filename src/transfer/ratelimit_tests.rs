@@ -1,0 +1,254 @@
+//! The bucket and the 429 pause, on tokio's paused clock: time only moves when every task
+//! waits, so the timings below are exact, not hoped for.
+
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use super::*;
+
+fn limit(per_second: f64, burst: u32) -> Option<RateLimit> {
+    Some(RateLimit { per_second, burst })
+}
+
+/// Milliseconds since `start`, for readable assertions.
+fn ms(start: Instant) -> u128 {
+    (Instant::now() - start).as_millis()
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_burst_goes_at_once_then_the_steady_rate_spaces_requests() {
+    let bucket = Bucket::new(limit(10.0, 3), Duration::from_secs(30));
+    let start = Instant::now();
+    let mut at = Vec::new();
+    for _ in 0..6 {
+        bucket.acquire().await;
+        at.push(ms(start));
+    }
+    assert_eq!(at, [0, 0, 0, 100, 200, 300]);
+    // Idle long enough to refill the whole burst.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let again = Instant::now();
+    for _ in 0..3 {
+        bucket.acquire().await;
+    }
+    assert_eq!(ms(again), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn concurrent_waiters_are_served_one_slot_each() {
+    let bucket = Arc::new(Bucket::new(limit(4.0, 1), Duration::from_secs(30)));
+    let start = Instant::now();
+    let tasks: Vec<_> = (0..4)
+        .map(|_| {
+            let b = bucket.clone();
+            tokio::spawn(async move {
+                b.acquire().await;
+                ms(start)
+            })
+        })
+        .collect();
+    let mut at = Vec::new();
+    for t in tasks {
+        at.push(t.await.unwrap());
+    }
+    at.sort();
+    assert_eq!(at, [0, 250, 500, 750]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn without_a_rate_only_pauses_hold_requests() {
+    let bucket = Bucket::new(None, Duration::from_secs(30));
+    let start = Instant::now();
+    for _ in 0..100 {
+        bucket.acquire().await;
+    }
+    assert_eq!(ms(start), 0);
+    bucket.pause(Duration::from_secs(5));
+    bucket.acquire().await;
+    assert_eq!(ms(start), 5000);
+    // A pause longer than the cap is cut to the cap.
+    bucket.pause(Duration::from_secs(3600));
+    bucket.acquire().await;
+    assert_eq!(ms(start), 35_000);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_pause_holds_requests_already_waiting_and_resumes_at_the_steady_rate() {
+    let bucket = Arc::new(Bucket::new(limit(1.0, 1), Duration::from_secs(30)));
+    let start = Instant::now();
+    bucket.acquire().await;
+    let b = bucket.clone();
+    let waiter = tokio::spawn(async move {
+        b.acquire().await;
+        ms(start)
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    bucket.pause(Duration::from_secs(3));
+    assert_eq!(waiter.await.unwrap(), 3500, "held past its slot at 1 s");
+    bucket.acquire().await;
+    assert_eq!(
+        ms(start),
+        4500,
+        "one second after the first request past the pause"
+    );
+}
+
+/// A registry whose blob HEADs in repository `limited` answer 429.
+struct Fake {
+    retry_after: Option<Duration>,
+    calls: AtomicU32,
+}
+
+fn unused<'a, T: Send + 'a>() -> BoxFuture<'a, Result<T>> {
+    async {
+        Err(RegistryError::Config {
+            what: "fake".into(),
+            detail: "not used by this test".into(),
+        })
+    }
+    .boxed()
+}
+
+impl Registry for Fake {
+    fn host(&self) -> &str {
+        "fake.example:5000"
+    }
+    fn head_manifest<'a>(
+        &'a self,
+        _: &'a str,
+        _: &'a str,
+    ) -> BoxFuture<'a, Result<Option<ManifestHead>>> {
+        unused()
+    }
+    fn get_manifest<'a>(&'a self, _: &'a str, _: &'a str) -> BoxFuture<'a, Result<Manifest>> {
+        unused()
+    }
+    fn put_manifest<'a>(
+        &'a self,
+        _: &'a str,
+        _: &'a str,
+        _: &'a Manifest,
+    ) -> BoxFuture<'a, Result<()>> {
+        unused()
+    }
+    fn list_tags<'a>(&'a self, _: &'a str) -> BoxFuture<'a, Result<Vec<String>>> {
+        unused()
+    }
+    fn blob_size<'a>(
+        &'a self,
+        repo: &'a str,
+        digest: &'a str,
+    ) -> BoxFuture<'a, Result<Option<u64>>> {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        let retry_after = self.retry_after;
+        async move {
+            if repo == "limited" {
+                Err(RegistryError::RateLimited {
+                    what: format!("fake/{repo}@{digest}"),
+                    retry_after,
+                })
+            } else {
+                Ok(Some(1))
+            }
+        }
+        .boxed()
+    }
+    fn get_blob<'a>(&'a self, _: &'a str, _: &'a str, _: u64) -> BoxFuture<'a, Result<BlobStream>> {
+        unused()
+    }
+    fn start_upload<'a>(&'a self, _: &'a str) -> BoxFuture<'a, Result<String>> {
+        unused()
+    }
+    fn mount_blob<'a>(
+        &'a self,
+        _: &'a str,
+        _: &'a str,
+        _: &'a str,
+    ) -> BoxFuture<'a, Result<MountOutcome>> {
+        unused()
+    }
+    fn put_upload<'a>(
+        &'a self,
+        _: &'a str,
+        _: &'a str,
+        _: &'a str,
+        _: u64,
+        _: BlobStream,
+    ) -> BoxFuture<'a, Result<()>> {
+        unused()
+    }
+    fn patch_upload<'a>(
+        &'a self,
+        _: &'a str,
+        _: &'a str,
+        _: u64,
+        _: u64,
+        _: BlobStream,
+    ) -> BoxFuture<'a, Result<String>> {
+        unused()
+    }
+    fn upload_status<'a>(&'a self, _: &'a str, _: &'a str) -> BoxFuture<'a, Result<(u64, String)>> {
+        unused()
+    }
+    fn finish_upload<'a>(
+        &'a self,
+        _: &'a str,
+        _: &'a str,
+        _: &'a str,
+    ) -> BoxFuture<'a, Result<()>> {
+        unused()
+    }
+    fn cancel_upload<'a>(&'a self, _: &'a str, _: &'a str) -> BoxFuture<'a, ()> {
+        async {}.boxed()
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_429_with_retry_after_pauses_every_client_of_the_host() {
+    let bucket = Arc::new(Bucket::new(None, Duration::from_secs(30)));
+    let fake = Arc::new(Fake {
+        retry_after: Some(Duration::from_secs(2)),
+        calls: AtomicU32::new(0),
+    });
+    // Two wrappers on one bucket: two clients (say, two credentials) of the same host.
+    let a = RateLimited::new(fake.clone(), bucket.clone());
+    let b = RateLimited::new(fake.clone(), bucket.clone());
+    let start = Instant::now();
+    let err = a.blob_size("limited", "sha256:aa").await.unwrap_err();
+    assert_eq!(err.reason(), "RateLimited");
+    assert_eq!(b.blob_size("other", "sha256:bb").await.unwrap(), Some(1));
+    assert_eq!(
+        ms(start),
+        2000,
+        "the other client waited out the Retry-After"
+    );
+    assert_eq!(fake.calls.load(Ordering::SeqCst), 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_429_without_retry_after_leaves_pacing_to_the_retry_policy() {
+    let bucket = Arc::new(Bucket::new(None, Duration::from_secs(30)));
+    let fake = Arc::new(Fake {
+        retry_after: None,
+        calls: AtomicU32::new(0),
+    });
+    let a = RateLimited::new(fake, bucket);
+    let start = Instant::now();
+    assert!(a.blob_size("limited", "sha256:aa").await.is_err());
+    assert_eq!(a.blob_size("other", "sha256:bb").await.unwrap(), Some(1));
+    assert_eq!(ms(start), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_wrapper_paces_every_request() {
+    let bucket = Arc::new(Bucket::new(limit(2.0, 1), Duration::from_secs(30)));
+    let fake = Arc::new(Fake {
+        retry_after: None,
+        calls: AtomicU32::new(0),
+    });
+    let a = RateLimited::new(fake, bucket);
+    let start = Instant::now();
+    for _ in 0..5 {
+        a.blob_size("other", "sha256:bb").await.unwrap();
+    }
+    assert_eq!(ms(start), 2000);
+}
