@@ -168,13 +168,23 @@ pub async fn handle(
         field_manager: q.get("fieldManager").cloned(),
         code: 0,
     };
-    let response = match shared.injected_failure(&record) {
+    let injected = shared.injected_failure(&record);
+    // Log before dispatching: a write's watch event can reach a test before this handler
+    // returns, and the test must then already find the write in the log.
+    let index = {
+        let mut log = shared.log.lock().expect("log lock");
+        log.push(record.clone());
+        log.len() - 1
+    };
+    let response = match injected {
         Some(e) => error_response(&e),
         None => dispatch(&shared, res, &r, verb, &q, &headers, &body)
             .unwrap_or_else(|e| error_response(&e)),
     };
     record.code = response.status().as_u16();
-    shared.log.lock().expect("log lock").push(record);
+    if let Some(entry) = shared.log.lock().expect("log lock").get_mut(index) {
+        entry.code = record.code;
+    }
     response
 }
 
