@@ -874,10 +874,17 @@ def run(args, runner, scenarios, wanted):
                 if tool not in warm_dest:
                     dst = runner.new_registry(f"warm-{tool}")
                     log(f"warm: populating {dst.addr} with a cold standard run of {tool} (not measured)")
-                    r = runner.run_tool(tool, data, src, dst, f"warm-prep-{tool}")
-                    bad = r["failure"] or verify(dst, views[scen], tool)
-                    if bad:
-                        raise BenchError(f"warm: preparing the destination failed: {bad}")
+                    for attempt in range(1, 4):
+                        r = runner.run_tool(tool, data, src, dst, f"warm-prep-{tool}-{attempt}")
+                        bad = r["failure"] or verify(dst, views[scen], tool)
+                        if not bad:
+                            break
+                        # a failed copy is a failure of the benchmark, but warm still needs a full
+                        # destination: re-run into it, as the next resync would
+                        failures.append(f"warm-prep-{tool}-{attempt}: {bad}")
+                        log(f"!!! warm-prep-{tool}-{attempt} FAILED:\n  {bad}")
+                        if args.fail_fast or attempt == 3:
+                            raise BenchError(f"warm: could not prepare the destination with {tool}")
                     warm_dest[tool] = dst
         for i in range(runs):
             order = TOOLS if i % 2 == 0 else TOOLS[::-1]
