@@ -453,12 +453,12 @@ def build_scenarios(quick):
 
     versions("std/debian", "oci", 2, lambda a: [debian[a]], True, 6)               # 3 tags, OCI index
     versions("std/alpine", "docker", 2, lambda a: [alpine[a]], True, 2)            # 3 tags, manifest list
-    versions("std/python", "oci", 3, lambda a: [debian[a], python[a]], True, 10)   # 4 tags
-    versions("std/node", "docker", 2, lambda a: [debian[a], node[a]], True, 10)    # 3 tags
-    versions("std/jdk", "docker", 2, lambda a: [debian[a], jdk], False, 20)        # 3 tags
-    versions("std/web", "oci", 3, lambda a: [alpine[a]], False, 15)                # 3 tags
-    versions("std/api", "docker", 3, lambda a: [debian[a], python[a]], False, 25, latest=False)
-    versions("std/worker", "oci", 3, lambda a: [debian[a], python[a]], False, 25, latest=False)
+    versions("std/python", "oci", 3, lambda a: [debian[a], python[a]], True, 20)   # 4 tags
+    versions("std/node", "docker", 2, lambda a: [debian[a], node[a]], True, 20)    # 3 tags
+    versions("std/jdk", "docker", 2, lambda a: [debian[a], jdk], False, 40)        # 3 tags
+    versions("std/web", "oci", 3, lambda a: [alpine[a]], False, 25)                # 3 tags
+    versions("std/api", "docker", 3, lambda a: [debian[a], python[a]], False, 40, latest=False)
+    versions("std/worker", "oci", 3, lambda a: [debian[a], python[a]], False, 40, latest=False)
     std.add("std/ml", "2024.1", ("image", "oci", "amd64", [debian["amd64"], python["amd64"], model]))
     std.add("std/ml", "latest", ("alias", "2024.1"))
     versions("std/tools", "docker", 2, lambda a: [alpine[a], B(f"tools-bin-{a}", 12)], True, 3)
