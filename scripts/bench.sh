@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # Benchmark: imagemirror vs `skopeo sync` on the same synthetic data, between local registries.
 #
-#   scripts/bench.sh [--quick] [--runs N] [--scenario NAME]... [--out DIR] [--keep]
+#   scripts/bench.sh [--quick] [--runs N] [--scenario NAME]... [--out DIR] [--keep] [--fail-fast]
 #
 #   --quick          tiny data set, 1 run: a smoke test (well under a minute once built)
 #   --runs N         runs per tool and scenario (default 3)
 #   --scenario NAME  standard | warm | many | shared | all (repeatable or comma-separated; default all)
 #   --out DIR        where bench-results.md and bench-results.json go (default target/bench)
 #   --keep           keep the temporary directory (registries' storage, access logs, per-run output)
+#   --fail-fast      stop at the first failed run (default: report every failure, exit 1 at the end)
 #
 # Builds `imagemirror` (release), starts a source registry (CNCF distribution) on a free port on
 # 127.0.0.1, seeds it with a deterministic data set through the registry API, then for every
@@ -21,9 +22,9 @@ set -euo pipefail
 REPO_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$REPO_DIR"
 
-usage() { sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'; }
 
-quick=0 runs=3 keep=0 out="$REPO_DIR/target/bench"
+quick=0 runs=3 keep=0 fail_fast=0 out="$REPO_DIR/target/bench"
 scenarios=()
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -35,6 +36,7 @@ while [ $# -gt 0 ]; do
     --out) out="${2:?--out needs a directory}"; shift ;;
     --out=*) out="${1#*=}" ;;
     --keep) keep=1 ;;
+    --fail-fast) fail_fast=1 ;;
     -h | --help) usage; exit 0 ;;
     *) echo "bench: unknown option $1" >&2; usage >&2; exit 2 ;;
   esac
@@ -55,6 +57,7 @@ WORK="$(mktemp -d "${TMPDIR:-/tmp}/imagemirror-bench.XXXXXX")"
 pyargs=(--bin "$BIN" --work "$WORK" --out "$out" --runs "$runs")
 [ "$quick" = 1 ] && pyargs+=(--quick)
 [ "$keep" = 1 ] && pyargs+=(--keep-dest)
+[ "$fail_fast" = 1 ] && pyargs+=(--fail-fast)
 for s in "${scenarios[@]}"; do pyargs+=(--scenario "$s"); done
 cmdline="scripts/bench.sh"
 [ "$quick" = 1 ] && cmdline+=" --quick"
@@ -63,6 +66,7 @@ for s in "${scenarios[@]}"; do cmdline+=" --scenario $s"; done
 pyargs+=(--command "$cmdline")
 
 py_pid=""
+# shellcheck disable=SC2317 # invoked by the EXIT trap
 cleanup() {
   local rc=$?
   # bench.py stops its registries itself; this catches the ones left if it was killed.
