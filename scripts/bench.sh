@@ -1,0 +1,97 @@
+#!/usr/bin/env bash
+# Benchmark: imagemirror vs `skopeo sync` on the same synthetic data, between local registries.
+#
+#   scripts/bench.sh [--quick] [--runs N] [--scenario NAME]... [--out DIR] [--keep] [--fail-fast]
+#
+#   --quick          tiny data set, 1 run: a smoke test (well under a minute once built)
+#   --runs N         runs per tool and scenario (default 3)
+#   --scenario NAME  standard | warm | many | shared | all (repeatable or comma-separated; default all)
+#   --out DIR        where bench-results.md and bench-results.json go (default target/bench)
+#   --keep           keep the temporary directory (registries' storage, access logs, per-run output)
+#   --fail-fast      stop at the first failed run (default: report every failure, exit 1 at the end)
+#
+# Builds `imagemirror` (release), starts a source registry (CNCF distribution) on a free port on
+# 127.0.0.1, seeds it with a deterministic data set through the registry API, then for every
+# scenario runs imagemirror and skopeo alternately, each cold run into a fresh destination
+# registry, measuring wall time and peak RSS (/usr/bin/time -v), counting requests per registry
+# from the access logs, and verifying after every run that the destination holds byte-identical
+# manifests and every blob. Exits non-zero when a tool fails or a verification fails.
+# Not run by CI (the full run takes minutes and ~6 GiB of disk at peak); the work is done by
+# scripts/bench/bench.py (python3, stdlib only).
+set -euo pipefail
+REPO_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$REPO_DIR"
+
+usage() { sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'; }
+
+quick=0 runs=3 keep=0 fail_fast=0 out="$REPO_DIR/target/bench"
+scenarios=()
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --quick) quick=1 ;;
+    --runs) runs="${2:?--runs needs a number}"; shift ;;
+    --runs=*) runs="${1#*=}" ;;
+    --scenario) scenarios+=("${2:?--scenario needs a name}"); shift ;;
+    --scenario=*) scenarios+=("${1#*=}") ;;
+    --out) out="${2:?--out needs a directory}"; shift ;;
+    --out=*) out="${1#*=}" ;;
+    --keep) keep=1 ;;
+    --fail-fast) fail_fast=1 ;;
+    -h | --help) usage; exit 0 ;;
+    *) echo "bench: unknown option $1" >&2; usage >&2; exit 2 ;;
+  esac
+  shift
+done
+[[ "$runs" =~ ^[1-9][0-9]*$ ]] || { echo "bench: --runs wants a positive number" >&2; exit 2; }
+
+for tool in docker-registry skopeo python3 curl; do
+  command -v "$tool" >/dev/null 2>&1 || { echo "bench: $tool is missing (scripts/install-deps.sh installs it)" >&2; exit 1; }
+done
+[ -x /usr/bin/time ] || { echo "bench: /usr/bin/time is missing (Debian package time)" >&2; exit 1; }
+
+echo "bench: cargo build --release --locked --bin imagemirror" >&2
+cargo build --release --locked --bin imagemirror
+BIN="$REPO_DIR/target/release/imagemirror"
+
+WORK="$(mktemp -d "${TMPDIR:-/tmp}/imagemirror-bench.XXXXXX")"
+pyargs=(--bin "$BIN" --work "$WORK" --out "$out" --runs "$runs")
+[ "$quick" = 1 ] && pyargs+=(--quick)
+[ "$keep" = 1 ] && pyargs+=(--keep-dest)
+[ "$fail_fast" = 1 ] && pyargs+=(--fail-fast)
+for s in "${scenarios[@]}"; do pyargs+=(--scenario "$s"); done
+cmdline="scripts/bench.sh"
+[ "$quick" = 1 ] && cmdline+=" --quick"
+[ "$quick" = 1 ] || cmdline+=" --runs $runs"
+for s in "${scenarios[@]}"; do cmdline+=" --scenario $s"; done
+pyargs+=(--command "$cmdline")
+
+py_pid=""
+# shellcheck disable=SC2317 # invoked by the EXIT trap
+cleanup() {
+  local rc=$?
+  # bench.py stops its registries itself; this catches the ones left if it was killed.
+  if [ -n "$py_pid" ]; then kill "$py_pid" 2>/dev/null || true; wait "$py_pid" 2>/dev/null || true; fi
+  if [ -f "$WORK/pids" ]; then
+    while read -r pid; do kill "$pid" 2>/dev/null || true; done <"$WORK/pids"
+  fi
+  if [ "$keep" = 1 ]; then
+    echo "bench: kept $WORK" >&2
+  else
+    rm -rf "$WORK"
+  fi
+  exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+python3 "$REPO_DIR/scripts/bench/bench.py" "${pyargs[@]}" &
+py_pid=$!
+set +e
+wait "$py_pid"
+rc=$?
+set -e
+py_pid=""
+if [ "$rc" -ne 0 ]; then
+  echo "bench: FAILED (exit $rc)" >&2
+fi
+exit "$rc"
