@@ -226,6 +226,10 @@ impl Ctx<'_> {
             });
         }
         self.copy_children(&manifest, 0).await?;
+        let _turn = self
+            .engine
+            .manifest_turn(dst.registry.host(), dst.repo.path(), &manifest.digest)
+            .await;
         retry
             .run(
                 |_| {
@@ -272,6 +276,12 @@ impl Ctx<'_> {
     async fn copy_child_manifest(&self, digest: String, depth: usize) -> Result<(), MirrorError> {
         let (src, dst) = (&self.source, &self.destination);
         let retry = &self.engine.config().retry;
+        // Two tags sharing an index reach the same children at once: one pushes, the other
+        // then finds it present.
+        let _turn = self
+            .engine
+            .manifest_turn(dst.registry.host(), dst.repo.path(), &digest)
+            .await;
         let present = retry
             .run(
                 |_| dst.registry.head_manifest(dst.repo.path(), &digest),

@@ -8,6 +8,7 @@
 
 mod blob;
 mod chunked;
+mod keyed_lock;
 mod progress;
 mod ratelimit;
 mod retry;
@@ -116,6 +117,7 @@ const KNOWN_LIMIT: usize = 200_000;
 
 struct Inner {
     config: EngineConfig,
+    manifests: keyed_lock::KeyedLocks,
     global: Arc<Semaphore>,
     per_registry: Mutex<HashMap<String, Arc<Semaphore>>>,
     /// Request pacing per registry host.
@@ -136,6 +138,7 @@ impl Engine {
         Engine {
             inner: Arc::new(Inner {
                 config,
+                manifests: keyed_lock::KeyedLocks::default(),
                 global,
                 per_registry: Mutex::new(HashMap::new()),
                 buckets: Mutex::new(HashMap::new()),
@@ -147,6 +150,20 @@ impl Engine {
     /// The engine's configuration.
     pub fn config(&self) -> &EngineConfig {
         &self.inner.config
+    }
+
+    /// Waits until no one else writes manifest `digest` to `repo` of `host`; holds the turn
+    /// until the guard drops.
+    pub async fn manifest_turn(
+        &self,
+        host: &str,
+        repo: &str,
+        digest: &str,
+    ) -> keyed_lock::KeyedGuard {
+        self.inner
+            .manifests
+            .lock(format!("{host}/{repo}@{digest}"))
+            .await
     }
 
     /// Blob transfers currently in flight (each counted once however many watch it).

@@ -331,3 +331,48 @@ async fn twenty_mirrors_sharing_a_base_layer_pull_it_once_and_mount_the_rest() {
         d.assert_copy_of(&format!("dst/app-{i}"), "v1", image).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tags_sharing_one_index_copy_together_without_racing_the_registry() {
+    // distribution rewrites a manifest's links on every push; concurrent pushes of one child
+    // manifest used to fail a sibling tag's index PUT with MANIFEST_BLOB_UNKNOWN.
+    let (src, dst) = (TestRegistry::start(), TestRegistry::start());
+    let s = Seeder::new(src.host());
+    let (index, _) = s
+        .push_index(
+            "multi",
+            "t0",
+            7,
+            &["linux/amd64", "linux/arm64", "linux/arm/v7", "linux/s390x"],
+            Flavor::Oci,
+        )
+        .await;
+    let tags: Vec<String> = (0..6).map(|i| format!("t{i}")).collect();
+    for t in &tags[1..] {
+        s.put_manifest("multi", t, &index.media_type, &index.bytes)
+            .await;
+    }
+    let names = format!("  tags:\n    names: [{}]\n", tags.join(", "));
+    let docs: Vec<String> = (0..4)
+        .map(|i| {
+            mirror_doc(
+                &format!("m{i}"),
+                src.host(),
+                "multi",
+                dst.host(),
+                &format!("copy{i}"),
+                &names,
+            )
+        })
+        .collect();
+    let dir = tempfile::tempdir().unwrap();
+    let (code, stdout, stderr) =
+        mirror_cli(dir.path(), &docs.join("---\n"), &["--concurrency", "16"]);
+    assert_eq!(code, 0, "{stdout}\n{stderr}");
+    let d = Seeder::new(dst.host());
+    for i in 0..4 {
+        for t in &tags {
+            d.assert_copy_of(&format!("copy{i}"), t, &index).await;
+        }
+    }
+}
