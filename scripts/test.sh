@@ -14,5 +14,6 @@ cargo clippy --all-targets --locked -- -D warnings
 echo "== cargo test"
 cargo test --locked
 echo "== chart checks"
-cargo build --locked --bin imagemirror
+# `cargo test` built target/debug/imagemirror for the integration tests; a separate
+# `cargo build` would rebuild the tree without the dev-dependencies' features.
 scripts/chart-test.sh target/debug/imagemirror

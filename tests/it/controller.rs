@@ -413,3 +413,56 @@ async fn two_controllers_with_leader_election_never_both_copy() {
     follower.stop().await;
     cluster.delete_namespace(&ns).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_status_written_is_exactly_what_the_sync_found() {
+    let (src, dst) = (TestRegistry::start(), TestRegistry::start());
+    let s = Seeder::new(src.host());
+    let good = s
+        .push_image("app", Some("good"), 71, &[5_000, 6_000], Flavor::Oci)
+        .await;
+    let cluster = TestCluster::start().await;
+    let ns = cluster.fresh_namespace("im").await;
+    let running = Running::start(cluster.client(), config(&ns));
+    let yaml = mirror_yaml(
+        &ns,
+        "app",
+        &format!("{}/app", src.host()),
+        &format!("{}/app", dst.host()),
+        "  tags:\n    names: [good, gone]\n",
+    );
+    cluster.apply_imagemirror(&yaml).await;
+    let m = cluster
+        .wait_for(&ns, "app", WAIT, |m| {
+            observed(m) && cond(m, "Ready").is_some_and(|(s, _)| s == "False")
+        })
+        .await;
+    let mut status = serde_json::to_value(m.status.as_ref().unwrap()).unwrap();
+    // Times are the clock's; everything else is determined by the registries' content.
+    for c in status["conditions"].as_array_mut().unwrap() {
+        c.as_object_mut().unwrap().remove("lastTransitionTime");
+    }
+    let obj = status.as_object_mut().unwrap();
+    assert!(obj.remove("lastSyncTime").is_some() && obj.remove("nextSyncTime").is_some());
+    let gone_msg = format!("{}/app:gone: not found", src.host());
+    let expected = serde_json::json!({
+        "observedGeneration": 1,
+        "conditions": [
+            {"type": "Ready", "status": "False", "reason": "PartiallySynced", "observedGeneration": 1,
+             "message": format!("1/2 tags synced, 1 failed; gone: {gone_msg}")},
+            {"type": "Reconciling", "status": "False", "reason": "PartiallySynced", "observedGeneration": 1, "message": ""},
+            {"type": "Stalled", "status": "False", "reason": "AsExpected", "observedGeneration": 1, "message": ""},
+        ],
+        "summary": {"tagsSelected": 2, "tagsSynced": 1, "tagsFailed": 1, "ratio": "1/2"},
+        "tags": [
+            {"name": "gone", "state": "Failed", "reason": "NotFound", "message": gone_msg},
+            {"name": "good", "state": "Synced", "sourceDigest": good.digest, "destinationDigest": good.digest},
+        ],
+        "progress": {"blobsTotal": 3, "blobsDone": 3, "blobsSkipped": 0, "blobsMounted": 0,
+                     "bytesTotal": good.blobs.iter().map(|b| b.1).sum::<u64>(),
+                     "bytesDone": good.blobs.iter().map(|b| b.1).sum::<u64>()},
+    });
+    assert_eq!(status, expected);
+    running.stop().await;
+    cluster.delete_namespace(&ns).await;
+}

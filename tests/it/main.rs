@@ -2,6 +2,7 @@
 
 mod auth;
 mod controller;
+mod controller_idle;
 mod copy;
 mod crd;
 mod faults;
