@@ -6,7 +6,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Secret;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Patch, PatchParams};
 use kube::runtime::controller::Action;
@@ -124,6 +123,34 @@ async fn event(ctx: &Context, obj: &ImageMirror, type_: EventType, reason: &str,
     }
 }
 
+/// A mirror that cannot progress until something changes.
+struct Stall<'a> {
+    api: &'a Api<ImageMirror>,
+    name: &'a str,
+    prev: &'a ImageMirrorStatus,
+    generation: Option<i64>,
+    now: Timestamp,
+}
+
+impl Stall<'_> {
+    /// Writes Stalled=True with `reason` and a Warning Event, unless status already says so
+    /// (a stalled mirror is looked at again and again; that must not write each time).
+    async fn write(
+        &self,
+        ctx: &Context,
+        obj: &ImageMirror,
+        reason: &str,
+        message: String,
+    ) -> Result<(), ReconcileError> {
+        let s = status::stalled(self.prev, self.generation, reason, &message, self.now);
+        if s != *self.prev {
+            write_status(self.api, self.name, &s).await?;
+            event(ctx, obj, EventType::Warning, reason, message).await;
+        }
+        Ok(())
+    }
+}
+
 /// The reconciler kube-runtime calls.
 pub async fn reconcile(obj: Arc<ImageMirror>, ctx: Arc<Context>) -> Result<Action, ReconcileError> {
     let name = obj.name_any();
@@ -180,24 +207,16 @@ async fn reconcile_inner(
     let valid = match mirror::validate(&obj.spec) {
         Ok(v) => v,
         Err(e) => {
-            let s = status::stalled(
-                &prev,
+            let stall = Stall {
+                api: &api,
+                name,
+                prev: &prev,
                 generation,
-                reasons::INVALID_SPEC,
-                &e.to_string(),
                 now,
-            );
-            if s != prev {
-                write_status(&api, name, &s).await?;
-                event(
-                    ctx,
-                    obj,
-                    EventType::Warning,
-                    reasons::INVALID_SPEC,
-                    e.to_string(),
-                )
-                .await;
-            }
+            };
+            stall
+                .write(ctx, obj, reasons::INVALID_SPEC, e.to_string())
+                .await?;
             return Ok(Action::await_change());
         }
     };
@@ -230,11 +249,14 @@ async fn reconcile_inner(
         Ok(v) => v,
         Err(e @ SecretError::Api { .. }) => return Err(ReconcileError::Secret(e)),
         Err(e) => {
-            let s = status::stalled(&prev, generation, e.reason(), &e.to_string(), now);
-            if s != prev {
-                write_status(&api, name, &s).await?;
-                event(ctx, obj, EventType::Warning, e.reason(), e.to_string()).await;
-            }
+            let stall = Stall {
+                api: &api,
+                name,
+                prev: &prev,
+                generation,
+                now,
+            };
+            stall.write(ctx, obj, e.reason(), e.to_string()).await?;
             return Ok(Action::requeue(SECRET_RECHECK));
         }
     };
@@ -285,22 +307,16 @@ async fn reconcile_inner(
     let (source, destination) = match endpoints {
         Ok(v) => v,
         Err(e) => {
-            let s = status::stalled(
-                &base,
+            let stall = Stall {
+                api: &api,
+                name,
+                prev: &base,
                 generation,
-                reasons::INVALID_SPEC,
-                &e.to_string(),
                 now,
-            );
-            write_status(&api, name, &s).await?;
-            event(
-                ctx,
-                obj,
-                EventType::Warning,
-                reasons::INVALID_SPEC,
-                e.to_string(),
-            )
-            .await;
+            };
+            stall
+                .write(ctx, obj, reasons::INVALID_SPEC, e.to_string())
+                .await?;
             return Ok(Action::await_change());
         }
     };
@@ -344,45 +360,9 @@ async fn reconcile_inner(
         Ok(r) => r,
         Err(e) => {
             let reason = e.reason();
-            let mut s = base.clone();
-            s.observed_generation = generation;
-            status::set_condition(
-                &mut s.conditions,
-                types::READY,
-                "False",
-                reason,
-                &e.to_string(),
-                generation,
-                now,
-            );
-            status::set_condition(
-                &mut s.conditions,
-                types::RECONCILING,
-                "False",
-                reason,
-                "",
-                generation,
-                now,
-            );
-            let stalled = reason == reasons::AUTH_FAILED;
-            let (st, sr) = if stalled {
-                ("True", reason)
-            } else {
-                ("False", reasons::NONE)
-            };
-            status::set_condition(
-                &mut s.conditions,
-                types::STALLED,
-                st,
-                sr,
-                &e.to_string(),
-                generation,
-                now,
-            );
-            s.last_sync_time = Some(Time(now));
             let next_at = add(now, retry_delay(ctx, key, valid.interval));
-            s.next_sync_time = Some(Time(next_at));
             ctx.schedule(key, generation, next_at);
+            let s = status::failed(&base, generation, reason, &e.to_string(), now, next_at);
             write_status(&api, name, &s).await?;
             event(ctx, obj, EventType::Warning, "SyncFailed", e.to_string()).await;
             return Err(ReconcileError::Sync {

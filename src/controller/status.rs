@@ -243,38 +243,44 @@ pub fn synced(
     } else {
         reasons::PARTIALLY_SYNCED
     };
-    set_condition(
-        &mut s.conditions,
-        types::READY,
-        "False",
-        reason,
-        &msg,
-        generation,
-        now,
-    );
-    set_condition(
-        &mut s.conditions,
-        types::RECONCILING,
-        "False",
-        reason,
-        "",
-        generation,
-        now,
-    );
-    // Refused credentials will be refused again: stalled until a Secret or the spec changes.
+    set_not_ready(&mut s, generation, reason, &msg, now);
+    s
+}
+
+/// A sync that failed as a whole (the tag list could not be read): not Ready, times set.
+pub fn failed(
+    prev: &ImageMirrorStatus,
+    generation: Option<i64>,
+    reason: &str,
+    message: &str,
+    now: Timestamp,
+    next: Timestamp,
+) -> ImageMirrorStatus {
+    let mut s = prev.clone();
+    s.observed_generation = generation;
+    s.last_sync_time = Some(Time(now));
+    s.next_sync_time = Some(Time(next));
+    set_not_ready(&mut s, generation, reason, message, now);
+    s
+}
+
+/// Ready=False and Reconciling=False with `reason`; Stalled only for refused credentials,
+/// which will be refused again until a Secret or the spec changes.
+fn set_not_ready(
+    s: &mut ImageMirrorStatus,
+    generation: Option<i64>,
+    reason: &str,
+    message: &str,
+    now: Timestamp,
+) {
+    let c = &mut s.conditions;
+    set_condition(c, types::READY, "False", reason, message, generation, now);
+    set_condition(c, types::RECONCILING, "False", reason, "", generation, now);
     if reason == reasons::AUTH_FAILED {
-        set_condition(
-            &mut s.conditions,
-            types::STALLED,
-            "True",
-            reason,
-            &msg,
-            generation,
-            now,
-        );
+        set_condition(c, types::STALLED, "True", reason, message, generation, now);
     } else {
         set_condition(
-            &mut s.conditions,
+            c,
             types::STALLED,
             "False",
             reasons::NONE,
@@ -283,7 +289,6 @@ pub fn synced(
             now,
         );
     }
-    s
 }
 
 /// Per-tag entries: failures first, then by name; at most [`MAX_TAG_ENTRIES`].
