@@ -94,7 +94,7 @@ async fn a_hundred_mirrors_become_ready_and_sigterm_exits_cleanly() {
     let rss = proc_kib(pid, "VmRSS:");
     let hwm = proc_kib(pid, "VmHWM:");
     eprintln!(
-        "{MIRRORS} mirrors Ready in {:?}; controller RSS {} MiB (peak {} MiB, debug build)",
+        "{MIRRORS} mirrors Ready in {:?}; controller RSS {} MiB (peak {} MiB)",
         started.elapsed(),
         rss / 1024,
         hwm / 1024
