@@ -75,6 +75,15 @@ struct ControllerArgs {
     /// PEM bundle of extra CA certificates trusted for every registry, in addition to the system roots.
     #[arg(long)]
     ca_file: Option<PathBuf>,
+    /// Blobs larger than this go up in resumable chunks (KiB, MiB, GiB); smaller ones in one PUT.
+    #[arg(long, value_parser = cli::parse_size, default_value = "64MiB")]
+    chunked_threshold: u64,
+    /// Size of each chunk of a chunked upload (at least 64KiB).
+    #[arg(long, value_parser = cli::parse_size, default_value = "16MiB")]
+    chunk_size: u64,
+    /// Requests per second to any one registry [default: no limit; a 429 with Retry-After always pauses the registry].
+    #[arg(long)]
+    rate_limit: Option<f64>,
     /// This replica's identity for leader election.
     #[arg(long, env = "POD_NAME")]
     identity: Option<String>,
@@ -97,6 +106,9 @@ impl ControllerArgs {
             engine: EngineConfig {
                 max_concurrent: self.concurrency.max(1),
                 max_per_registry: self.registry_concurrency.max(1),
+                chunked_threshold: self.chunked_threshold,
+                chunk_size: self.chunk_size,
+                rate_limit: cli::rate_limit(self.rate_limit),
                 ..EngineConfig::default()
             },
             item_concurrency: self.concurrency.max(1),

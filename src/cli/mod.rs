@@ -150,6 +150,15 @@ fn load_auth(explicit: Option<&Path>) -> Result<DockerConfig, CliError> {
     }
 }
 
+/// The engine's rate limit for `--rate-limit` (requests per second; none or ≤ 0: no limit).
+pub fn rate_limit(per_second: Option<f64>) -> Option<RateLimit> {
+    per_second.filter(|r| *r > 0.0).map(|per_second| RateLimit {
+        per_second,
+        // A second's worth at once, so pacing does not serialise concurrent transfers.
+        burst: per_second.ceil().clamp(1.0, 1000.0) as u32,
+    })
+}
+
 /// Runs `imagemirror mirror`. Returns every mirror's outcome; the caller turns failures into
 /// the exit code.
 pub async fn run_mirror(
@@ -184,11 +193,7 @@ pub async fn run_mirror(
         max_per_registry: opts.registry_concurrency.max(1),
         chunked_threshold: opts.chunked_threshold,
         chunk_size: opts.chunk_size,
-        rate_limit: opts.rate_limit.map(|per_second| RateLimit {
-            per_second,
-            // A second's worth at once, so pacing does not serialise concurrent transfers.
-            burst: per_second.ceil().clamp(1.0, 1000.0) as u32,
-        }),
+        rate_limit: rate_limit(opts.rate_limit),
         ..EngineConfig::default()
     });
     let pool = ClientPool::new();
