@@ -1,4 +1,5 @@
-//! One blob transfer: HEAD the destination, mount from a sibling, or stream from the source
+//! One blob transfer: HEAD the destination (skipped on the first attempt for a small blob of
+//! a manifest the destination lacked), mount from a sibling, or stream from the source
 //! into an upload session (one verifying PUT for small blobs, resumable chunks for large
 //! ones); retried as the policy says. A session that is left open, because the transfer failed
 //! for good or was aborted when every watcher left, is DELETEd.
@@ -30,11 +31,15 @@ pub(super) async fn run(
     let session = Mutex::new(Session::new(req.destination.clone(), &req.destination_repo));
     let sent = Arc::new(AtomicU64::new(0));
     let chunk = (req.size > engine.config().chunked_threshold).then(|| engine.chunk_size());
+    let blind = req.likely_absent
+        && mount_from.is_none()
+        && chunk.is_none()
+        && req.size <= engine.config().blind_upload_max;
     let result = engine
         .config()
         .retry
         .run(
-            |_| attempt(req, mount_from, chunk, &session, &sent, tx),
+            |n| attempt(req, mount_from, chunk, blind && n == 1, &session, &sent, tx),
             |attempt, delay, err| {
                 tracing::debug!(digest = %req.digest, attempt, ?delay, error = %err, "blob transfer failed, retrying");
                 tx.send_replace(BlobState::Retrying {
@@ -54,16 +59,20 @@ async fn attempt(
     req: &BlobRequest,
     mount_from: Option<&str>,
     chunk: Option<u64>,
+    blind: bool,
     session: &Mutex<Session>,
     sent: &Arc<AtomicU64>,
     tx: &Arc<watch::Sender<BlobState>>,
 ) -> Result<BlobOutcome, RegistryError> {
     let mut session = session.lock().await;
     let dst = &req.destination;
-    if dst
-        .blob_size(&req.destination_repo, &req.digest)
-        .await?
-        .is_some()
+    // A blind first attempt skips the question; a retry asks, since the last answer may have
+    // been lost after the blob was stored.
+    if !blind
+        && dst
+            .blob_size(&req.destination_repo, &req.digest)
+            .await?
+            .is_some()
     {
         // Someone else finished it, or our last attempt's answer was lost.
         session.cancel().await;
