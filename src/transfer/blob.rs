@@ -14,7 +14,7 @@ use super::chunked;
 use super::verify::{FailureSlot, Verify};
 use super::{BlobOutcome, BlobRequest, BlobState, Engine};
 use crate::registry::digest::Hasher;
-use crate::registry::{MountOutcome, Registry, RegistryError};
+use crate::registry::{BlobStream, MountOutcome, Registry, RegistryError};
 
 /// Runs the transfer under the engine's limits and retry policy.
 pub(super) async fn run(
@@ -79,12 +79,21 @@ async fn attempt(
         return Ok(BlobOutcome::Exists);
     }
     let Some(chunk) = chunk else {
-        let location = match open_session(req, mount_from).await? {
+        // Blind, nothing can make the source's bytes unneeded: ask for them while the session
+        // opens, one round trip fewer per small blob.
+        let (opened, source) = if blind {
+            let source = req.source.get_blob(&req.source_repo, &req.digest, 0);
+            let (opened, source) = tokio::join!(open_session(req, mount_from), source);
+            (opened?, Some(source))
+        } else {
+            (open_session(req, mount_from).await?, None)
+        };
+        let location = match opened {
             Opened::Mounted => return Ok(BlobOutcome::Mounted),
             Opened::Session(location) => location,
         };
         session.open(location.clone());
-        let result = put_whole(req, &location, sent, tx).await;
+        let result = put_whole(req, &location, source, sent, tx).await;
         // A PUT cut short cannot be continued: its session goes either way.
         match result {
             Ok(_) => session.close(),
@@ -130,10 +139,11 @@ async fn open_session(
     Ok(Opened::Session(location))
 }
 
-/// Streams the whole blob through a verifying hash into one PUT.
+/// Streams the whole blob through a verifying hash into one PUT; `source` when already asked for.
 async fn put_whole(
     req: &BlobRequest,
     location: &str,
+    source: Option<Result<BlobStream, RegistryError>>,
     sent: &Arc<AtomicU64>,
     tx: &Arc<watch::Sender<BlobState>>,
 ) -> Result<BlobOutcome, RegistryError> {
@@ -142,7 +152,10 @@ async fn put_whole(
         done: 0,
         total: req.size,
     });
-    let source = req.source.get_blob(&req.source_repo, digest, 0).await?;
+    let source = match source {
+        Some(source) => source?,
+        None => req.source.get_blob(&req.source_repo, digest, 0).await?,
+    };
     let failure = FailureSlot::default();
     let (counter, progress, total) = (sent.clone(), tx.clone(), req.size);
     let mut done = 0;
