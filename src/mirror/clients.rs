@@ -7,7 +7,9 @@ use std::sync::{Arc, Mutex};
 use super::{Endpoint, SpecError};
 use crate::api::RepositorySpec;
 use crate::registry::digest::sha256_digest;
-use crate::registry::{Credentials, RegistryClient, RegistryError, RegistryOptions, Repository};
+use crate::registry::{
+    Credentials, HttpClients, RegistryClient, RegistryError, RegistryOptions, Repository,
+};
 
 /// Credentials and trust for one side of a mirror, as read from Secrets or files.
 #[derive(Clone, Debug, Default)]
@@ -22,6 +24,8 @@ pub struct EndpointAccess {
 #[derive(Clone, Default)]
 pub struct ClientPool {
     clients: Arc<Mutex<HashMap<String, Arc<RegistryClient>>>>,
+    /// HTTP clients by TLS settings: one root-store load and one connection pool per setting.
+    http: Arc<HttpClients>,
 }
 
 impl ClientPool {
@@ -78,7 +82,7 @@ impl ClientPool {
         if let Some(c) = map.get(&key) {
             return Ok(c.clone());
         }
-        let client = Arc::new(RegistryClient::new(host, options)?);
+        let client = Arc::new(RegistryClient::with_http(host, options, &self.http)?);
         map.insert(key, client.clone());
         Ok(client)
     }

@@ -177,19 +177,11 @@ impl Ctx<'_> {
         let (src, dst) = (&self.source, &self.destination);
         let reference = item.name();
         let retry = &self.engine.config().retry;
-        let head = retry
-            .run(
-                |_| src.registry.head_manifest(src.repo.path(), reference),
-                |_, _, _| {},
-            )
-            .await?
-            .ok_or_else(|| RegistryError::NotFound {
-                what: format!("{}:{reference}", src.repo),
-            })?;
-        out.source_digest = head.digest.clone();
         // Platform filtering rewrites indexes, so only unfiltered items (and pinned digests,
         // which are always copied as they are) can be judged by digest alone.
         let filtering = !self.job.platforms.is_empty() && matches!(item, Item::Tag(_));
+        // The destination first: when it lacks the item, the source manifest is needed
+        // anyway and one GET replaces the source HEAD + GET.
         let dst_head = retry
             .run(
                 |_| dst.registry.head_manifest(dst.repo.path(), reference),
@@ -197,14 +189,31 @@ impl Ctx<'_> {
             )
             .await?;
         let dst_digest = dst_head.and_then(|h| h.digest);
-        if !filtering && head.digest.is_some() && dst_digest == head.digest {
-            out.destination_digest = dst_digest;
-            return Ok(ItemOutcome::UpToDate);
+        let absent = dst_digest.is_none();
+        let mut source_ref = reference;
+        if !absent {
+            let head = retry
+                .run(
+                    |_| src.registry.head_manifest(src.repo.path(), reference),
+                    |_, _, _| {},
+                )
+                .await?
+                .ok_or_else(|| RegistryError::NotFound {
+                    what: format!("{}:{reference}", src.repo),
+                })?;
+            out.source_digest = head.digest.clone();
+            if !filtering && head.digest.is_some() && dst_digest == head.digest {
+                out.destination_digest = dst_digest;
+                return Ok(ItemOutcome::UpToDate);
+            }
+            if let Some(d) = &out.source_digest {
+                source_ref = d;
+            }
         }
-        let source_ref = head.digest.as_deref().unwrap_or(reference);
+        let source_ref = source_ref.to_string();
         let manifest = retry
             .run(
-                |_| src.registry.get_manifest(src.repo.path(), source_ref),
+                |_| src.registry.get_manifest(src.repo.path(), &source_ref),
                 |_, _, _| {},
             )
             .await?;
@@ -225,7 +234,7 @@ impl Ctx<'_> {
                 wanted: manifest.digest.clone(),
             });
         }
-        self.copy_children(&manifest, 0).await?;
+        self.copy_children(&manifest, 0, absent).await?;
         let _turn = self
             .engine
             .manifest_turn(dst.registry.host(), dst.repo.path(), &manifest.digest)
@@ -243,11 +252,13 @@ impl Ctx<'_> {
         Ok(ItemOutcome::Copied)
     }
 
-    /// Makes everything `manifest` refers to present at the destination.
+    /// Makes everything `manifest` refers to present at the destination. `absent`: the
+    /// destination lacked `manifest`, so its small blobs are uploaded without asking first.
     fn copy_children<'a>(
         &'a self,
         manifest: &'a Manifest,
         depth: usize,
+        absent: bool,
     ) -> BoxFuture<'a, Result<(), MirrorError>> {
         async move {
             let what = format!("{}@{}", self.job.source.repo, manifest.digest);
@@ -257,7 +268,7 @@ impl Ctx<'_> {
             match manifest.parse(&what)? {
                 Parsed::Image { config, layers } => {
                     let blobs = std::iter::once(config).chain(layers);
-                    try_join_all(blobs.map(|d| self.copy_blob(d.digest, d.size))).await?;
+                    try_join_all(blobs.map(|d| self.copy_blob(d.digest, d.size, absent))).await?;
                 }
                 Parsed::Index { manifests } => {
                     try_join_all(
@@ -299,7 +310,7 @@ impl Ctx<'_> {
                 |_, _, _| {},
             )
             .await?;
-        self.copy_children(&child, depth + 1).await?;
+        self.copy_children(&child, depth + 1, true).await?;
         retry
             .run(
                 |_| dst.registry.put_manifest(dst.repo.path(), &digest, &child),
@@ -309,7 +320,12 @@ impl Ctx<'_> {
         Ok(())
     }
 
-    async fn copy_blob(&self, digest: String, size: u64) -> Result<BlobOutcome, MirrorError> {
+    async fn copy_blob(
+        &self,
+        digest: String,
+        size: u64,
+        likely_absent: bool,
+    ) -> Result<BlobOutcome, MirrorError> {
         let c = &self.counters;
         c.blobs_total.fetch_add(1, Ordering::Relaxed);
         c.bytes_total.fetch_add(size, Ordering::Relaxed);
@@ -320,6 +336,7 @@ impl Ctx<'_> {
             destination_repo: self.job.destination.repo.path().to_string(),
             digest,
             size,
+            likely_absent,
         };
         let sink = self.progress.clone();
         let counters = self.counters.clone();

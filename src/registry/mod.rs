@@ -20,7 +20,7 @@ pub use auth::{Credentials, DockerConfig};
 pub use error::{RegistryError, Result};
 pub use manifest::{Descriptor, Manifest, ManifestHead, Parsed};
 pub use reference::Repository;
-pub use transport::RegistryOptions;
+pub use transport::{HttpClients, RegistryOptions};
 pub use upload::MountOutcome;
 
 /// A stream of blob bytes.
@@ -126,7 +126,15 @@ impl RegistryClient {
     /// A client for the registry at `host` (`host[:port]`, the API endpoint).
     pub fn new(host: &str, options: &RegistryOptions) -> Result<Self> {
         Ok(RegistryClient {
-            t: transport::Transport::new(host, options)?,
+            t: transport::Transport::new(host, options, None)?,
+        })
+    }
+
+    /// Like [`RegistryClient::new`], with the HTTP client (TLS settings, connection pool) taken
+    /// from `http`, shared with the other clients built from it.
+    pub fn with_http(host: &str, options: &RegistryOptions, http: &HttpClients) -> Result<Self> {
+        Ok(RegistryClient {
+            t: transport::Transport::new(host, options, Some(http))?,
         })
     }
 

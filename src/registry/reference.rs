@@ -2,8 +2,6 @@
 
 use std::fmt;
 
-use oci_spec::distribution::Reference;
-
 use super::error::{RegistryError, Result};
 
 /// Docker Hub's name in references.
@@ -30,20 +28,57 @@ impl Repository {
         if trimmed.is_empty() {
             return Err(invalid("the repository is empty"));
         }
-        let reference = Reference::try_from(trimmed).map_err(|e| invalid(&e.to_string()))?;
-        if reference.digest().is_some() || trimmed.ends_with(":latest") {
-            return Err(invalid(
-                "give the repository without a tag or digest; select tags in spec.tags",
-            ));
+        let tagged = "give the repository without a tag or digest; select tags in spec.tags";
+        // The docker reference grammar by hand (no regex: compiling the grammar's regex cost
+        // a resync a third of its run time). A tag or digest is refused, so only
+        // `[domain[:port]/]component(/component)*` remains.
+        if trimmed.contains('@') {
+            return Err(invalid(tagged));
         }
-        if reference.tag().is_some_and(|t| t != "latest") {
+        let last = trimmed.rsplit('/').next().unwrap_or(trimmed);
+        if let Some((_, tag)) = last.split_once(':') {
+            return Err(invalid(if is_valid_tag(tag) {
+                tagged
+            } else {
+                "invalid reference format"
+            }));
+        }
+        let (registry, path) = match trimmed.split_once('/') {
+            Some((first, rest))
+                if first.contains('.') || first.contains(':') || first == "localhost" =>
+            {
+                if !is_domain(first) {
+                    return Err(invalid("invalid reference format"));
+                }
+                (first, rest)
+            }
+            _ => (DOCKER_HUB, trimmed),
+        };
+        if !path.split('/').all(is_path_component) {
+            return Err(invalid(if path.bytes().any(|b| b.is_ascii_uppercase()) {
+                "repository name must be lowercase"
+            } else {
+                "invalid reference format"
+            }));
+        }
+        let registry = if registry == "index.docker.io" {
+            DOCKER_HUB
+        } else {
+            registry
+        };
+        let path = if registry == DOCKER_HUB && !path.contains('/') {
+            format!("library/{path}")
+        } else {
+            path.to_string()
+        };
+        if path.len() > 255 {
             return Err(invalid(
-                "give the repository without a tag or digest; select tags in spec.tags",
+                "repository name must not be more than 255 characters",
             ));
         }
         Ok(Repository {
-            registry: reference.registry().to_string(),
-            path: reference.repository().to_string(),
+            registry: registry.to_string(),
+            path,
         })
     }
 
@@ -75,6 +110,48 @@ pub fn endpoint_for(registry: &str) -> &str {
         DOCKER_HUB | "index.docker.io" => DOCKER_HUB_ENDPOINT,
         other => other,
     }
+}
+
+/// `host[.host…][:port]`, each label alphanumeric with inner `-`.
+fn is_domain(s: &str) -> bool {
+    let (host, port) = match s.split_once(':') {
+        Some((h, p)) => (h, Some(p)),
+        None => (s, None),
+    };
+    let label_ok = |l: &str| {
+        let b = l.as_bytes();
+        !b.is_empty()
+            && b[0].is_ascii_alphanumeric()
+            && b[b.len() - 1].is_ascii_alphanumeric()
+            && b.iter().all(|c| c.is_ascii_alphanumeric() || *c == b'-')
+    };
+    host.split('.').all(label_ok)
+        && port.is_none_or(|p| !p.is_empty() && p.bytes().all(|c| c.is_ascii_digit()))
+}
+
+/// A path component: `[a-z0-9]+` runs joined by `.`, `_`, `__` or one or more `-`.
+fn is_path_component(s: &str) -> bool {
+    let b = s.as_bytes();
+    let alnum = |c: u8| c.is_ascii_lowercase() || c.is_ascii_digit();
+    if b.is_empty() || !alnum(b[0]) || !alnum(b[b.len() - 1]) {
+        return false;
+    }
+    let mut i = 0;
+    while i < b.len() {
+        if alnum(b[i]) {
+            i += 1;
+            continue;
+        }
+        let start = i;
+        while i < b.len() && !alnum(b[i]) {
+            i += 1;
+        }
+        let sep = &s[start..i];
+        if !(sep == "." || sep == "_" || sep == "__" || sep.bytes().all(|c| c == b'-')) {
+            return false;
+        }
+    }
+    true
 }
 
 /// True when `s` is a tag by the distribution spec (`[\w][\w.-]{0,127}`).
@@ -133,9 +210,45 @@ mod tests {
             "Nginx",
             "nginx@sha256:0000000000000000000000000000000000000000000000000000000000000000",
             "a b",
+            "a//b",
+            "a/",
+            "/a",
+            "a..b",
+            "a___b",
+            "-a",
+            "a-",
+            "host..x/a",
+            "-host.x/a",
+            "host.x:/a",
+            "host.x:50a/a",
+            "host.x:5000",
+            "localhost:5000/A",
+            "my_org.x/app",
+            &format!("x.io/{}", "a".repeat(256)),
         ] {
             let err = Repository::parse(bad).unwrap_err();
             assert_eq!(err.reason(), "InvalidReference", "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn the_docker_grammar_is_followed() {
+        for (input, registry, path) in [
+            ("index.docker.io/nginx", "docker.io", "library/nginx"),
+            ("docker.io/library/nginx", "docker.io", "library/nginx"),
+            ("my_org/app", "docker.io", "my_org/app"),
+            ("a__b/c.d/e--f-g", "docker.io", "a__b/c.d/e--f-g"),
+            ("localhost/app", "localhost", "app"),
+            (
+                "Registry.Example.com/team/app",
+                "Registry.Example.com",
+                "team/app",
+            ),
+            ("ghcr.io/o/p/q", "ghcr.io", "o/p/q"),
+            (" quay.io/a/b ", "quay.io", "a/b"),
+        ] {
+            let r = Repository::parse(input).unwrap();
+            assert_eq!((r.registry(), r.path()), (registry, path), "{input:?}");
         }
     }
 

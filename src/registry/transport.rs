@@ -66,6 +66,60 @@ struct AuthState {
     tokens: HashMap<Access, Token>,
 }
 
+/// HTTP clients by TLS settings, for registry clients to share: building one loads and parses
+/// the system's root certificates (~5 ms each), and clones share one connection pool, which
+/// keys connections by host anyway. Use one per runtime (pooled connections belong to the
+/// runtime that opened them).
+#[derive(Default)]
+pub struct HttpClients {
+    clients: std::sync::Mutex<Vec<(HttpKey, reqwest::Client)>>,
+}
+
+/// (skip verification, extra CA PEM).
+type HttpKey = (bool, Option<Vec<u8>>);
+
+impl HttpClients {
+    /// The client for `options`' TLS settings, built on first use.
+    pub(crate) fn get(
+        &self,
+        options: &RegistryOptions,
+    ) -> std::result::Result<reqwest::Client, String> {
+        let key: HttpKey = (options.insecure_skip_tls_verify, options.ca_pem.clone());
+        let mut clients = self.clients.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((_, c)) = clients.iter().find(|(k, _)| *k == key) {
+            return Ok(c.clone());
+        }
+        let client = build_http_client(options)?;
+        // Distinct CA bundles are few; bounded all the same for a long-running controller.
+        if clients.len() >= 64 {
+            clients.clear();
+        }
+        clients.push((key, client.clone()));
+        Ok(client)
+    }
+}
+
+fn build_http_client(options: &RegistryOptions) -> std::result::Result<reqwest::Client, String> {
+    let mut builder = reqwest::Client::builder()
+        .connect_timeout(Duration::from_secs(15))
+        // A stalled connection must fail so the retry can start; a slow but moving blob must not.
+        .read_timeout(Duration::from_secs(60))
+        .pool_idle_timeout(Duration::from_secs(60))
+        .user_agent(concat!("imagemirror/", env!("CARGO_PKG_VERSION")))
+        .tls_danger_accept_invalid_certs(options.insecure_skip_tls_verify);
+    if let Some(pem) = &options.ca_pem {
+        let certs = reqwest::Certificate::from_pem_bundle(pem)
+            .map_err(|e| format!("CA certificates do not parse: {e}"))?;
+        if certs.is_empty() {
+            return Err("CA bundle holds no certificate".into());
+        }
+        for cert in certs {
+            builder = builder.add_root_certificate(cert);
+        }
+    }
+    builder.build().map_err(|e| format!("HTTP client: {e}"))
+}
+
 /// The HTTP side of a registry client.
 pub(crate) struct Transport {
     pub(crate) http: reqwest::Client,
@@ -78,32 +132,22 @@ pub(crate) struct Transport {
 }
 
 impl Transport {
-    pub(crate) fn new(host: &str, options: &RegistryOptions) -> Result<Self> {
+    /// `shared`: take the HTTP client from there instead of building one.
+    pub(crate) fn new(
+        host: &str,
+        options: &RegistryOptions,
+        shared: Option<&HttpClients>,
+    ) -> Result<Self> {
         crate::install_crypto_provider();
         let config_err = |detail: String| RegistryError::Config {
             what: host.to_string(),
             detail,
         };
-        let mut builder = reqwest::Client::builder()
-            .connect_timeout(Duration::from_secs(15))
-            // A stalled connection must fail so the retry can start; a slow but moving blob must not.
-            .read_timeout(Duration::from_secs(60))
-            .pool_idle_timeout(Duration::from_secs(60))
-            .user_agent(concat!("imagemirror/", env!("CARGO_PKG_VERSION")))
-            .tls_danger_accept_invalid_certs(options.insecure_skip_tls_verify);
-        if let Some(pem) = &options.ca_pem {
-            let certs = reqwest::Certificate::from_pem_bundle(pem)
-                .map_err(|e| config_err(format!("CA certificates do not parse: {e}")))?;
-            if certs.is_empty() {
-                return Err(config_err("CA bundle holds no certificate".into()));
-            }
-            for cert in certs {
-                builder = builder.add_root_certificate(cert);
-            }
+        let http = match shared {
+            Some(clients) => clients.get(options),
+            None => build_http_client(options),
         }
-        let http = builder
-            .build()
-            .map_err(|e| config_err(format!("HTTP client: {e}")))?;
+        .map_err(config_err)?;
         let scheme = if options.plain_http { "http" } else { "https" };
         Ok(Transport {
             http,

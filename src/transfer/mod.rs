@@ -49,6 +49,11 @@ pub struct EngineConfig {
     /// `None` does not pace. Either way a `429` with `Retry-After` pauses every request to
     /// that host for that long (capped by `retry.max_delay`). Default `None`.
     pub rate_limit: Option<RateLimit>,
+    /// Blobs up to this many bytes that are [`BlobRequest::likely_absent`] are uploaded
+    /// without asking the destination first (POST + PUT instead of HEAD + POST + PUT): on
+    /// registries that charge per request, a wasted re-upload of a small blob that was there
+    /// after all costs less than a HEAD for every one that was not. Default 1 MiB; 0 always asks.
+    pub blind_upload_max: u64,
 }
 
 /// Smallest chunk the engine sends: below it the per-request cost dominates.
@@ -63,6 +68,7 @@ impl Default for EngineConfig {
             chunked_threshold: 64 * 1024 * 1024,
             chunk_size: 16 * 1024 * 1024,
             rate_limit: None,
+            blind_upload_max: 1024 * 1024,
         }
     }
 }
@@ -82,6 +88,10 @@ pub struct BlobRequest {
     pub digest: String,
     /// The blob's size, from its descriptor.
     pub size: u64,
+    /// The destination most likely lacks the blob (the manifest referring to it was absent):
+    /// when it is small (see [`EngineConfig::blind_upload_max`]) the first attempt uploads it
+    /// without a HEAD. Retries, mounts and chunked uploads always ask first.
+    pub likely_absent: bool,
 }
 
 /// (destination registry, repository, digest).

@@ -376,3 +376,100 @@ async fn tags_sharing_one_index_copy_together_without_racing_the_registry() {
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn new_tags_upload_small_blobs_without_asking_and_a_resync_costs_one_head_per_tag() {
+    let (src, dst) = (TestRegistry::start(), TestRegistry::start());
+    let s = Seeder::new(src.host());
+    // Over the 1 MiB blind-upload limit: asked for before it is copied.
+    let base = s
+        .push_blob("app", &crate::support::image::random_bytes(7, 1_500_000))
+        .await;
+    let mut images = Vec::new();
+    let mut small = Vec::new();
+    for i in 0..3u64 {
+        let own = s
+            .push_blob("app", &crate::support::image::random_bytes(300 + i, 50_000))
+            .await;
+        let config = s
+            .push_blob("app", format!("{{\"tag\":{i}}}").as_bytes())
+            .await;
+        small.push(own.0.clone());
+        small.push(config.0.clone());
+        let image = s
+            .push_manifest_for(
+                "app",
+                Some(&format!("t{i}")),
+                config,
+                vec![base.clone(), own],
+                Flavor::Oci,
+            )
+            .await;
+        images.push(image);
+    }
+    // One small blob is at the destination already although no tag refers to it: the blind
+    // upload sends it again and the registry takes it.
+    let d = Seeder::new(dst.host());
+    d.push_blob(
+        "mirror/app",
+        &crate::support::image::random_bytes(300, 50_000),
+    )
+    .await;
+    let (src_before, dst_before) = (src.requests().len(), dst.requests().len());
+    let dir = tempfile::tempdir().unwrap();
+    let doc = mirror_doc(
+        "app",
+        src.host(),
+        "app",
+        dst.host(),
+        "mirror/app",
+        "  tags:\n    names: [t0, t1, t2]\n",
+    );
+    let (code, stdout, stderr) = mirror_cli(dir.path(), &doc, &[]);
+    assert_eq!(code, 0, "{stdout}\n{stderr}");
+    let dst_log = dst.requests()[dst_before..].to_vec();
+    let src_log = src.requests()[src_before..].to_vec();
+    for (i, image) in images.iter().enumerate() {
+        d.assert_copy_of("mirror/app", &format!("t{i}"), image)
+            .await;
+    }
+    let count = |log: &[String], method: &str, part: &str| {
+        log.iter()
+            .filter(|r| r.starts_with(method) && r.contains(part))
+            .count()
+    };
+    for digest in &small {
+        assert_eq!(
+            count(&dst_log, "HEAD ", digest),
+            0,
+            "a small blob of a new tag is uploaded without a HEAD:\n{dst_log:#?}"
+        );
+    }
+    assert_eq!(
+        count(&dst_log, "HEAD ", &base.0),
+        1,
+        "a big blob is asked for once:\n{dst_log:#?}"
+    );
+    // Per tag: HEAD of the tag, POST + PUT per small blob, PUT of the manifest; and the base.
+    assert_eq!(count(&dst_log, "HEAD ", "/manifests/"), 3, "{dst_log:#?}");
+    assert_eq!(
+        count(&dst_log, "POST ", "/blobs/uploads/"),
+        7,
+        "{dst_log:#?}"
+    );
+    assert_eq!(dst_log.len(), 3 + 1 + 7 + 7 + 3, "{dst_log:#?}");
+    // The destination lacked every tag: one GET per manifest, no HEAD first.
+    assert_eq!(count(&src_log, "HEAD ", "/manifests/"), 0, "{src_log:#?}");
+    assert_eq!(count(&src_log, "GET ", "/manifests/"), 3, "{src_log:#?}");
+
+    // A resync asks each side once per tag and writes nothing.
+    let (src_before, dst_before) = (src.requests().len(), dst.requests().len());
+    let (code, stdout, stderr) = mirror_cli(dir.path(), &doc, &[]);
+    assert_eq!(code, 0, "{stdout}\n{stderr}");
+    let dst_log = dst.requests()[dst_before..].to_vec();
+    let src_log = src.requests()[src_before..].to_vec();
+    assert_eq!(dst_log.len(), 3, "{dst_log:#?}");
+    assert_eq!(count(&dst_log, "HEAD ", "/manifests/"), 3, "{dst_log:#?}");
+    assert_eq!(src_log.len(), 3, "{src_log:#?}");
+    assert_eq!(count(&src_log, "HEAD ", "/manifests/"), 3, "{src_log:#?}");
+}

@@ -40,6 +40,7 @@ fn request(src: &str, dst: &str, digest: &str, size: u64) -> BlobRequest {
         destination_repo: "big".into(),
         digest: digest.into(),
         size,
+        likely_absent: false,
     }
 }
 
