@@ -53,6 +53,19 @@ fn condition_order(type_: &str) -> usize {
         .unwrap_or(usize::MAX)
 }
 
+/// Stalled=False: nothing keeps the mirror from progressing.
+fn clear_stalled(conditions: &mut Vec<Condition>, generation: Option<i64>, now: Timestamp) {
+    set_condition(
+        conditions,
+        types::STALLED,
+        "False",
+        reasons::NONE,
+        "",
+        generation,
+        now,
+    );
+}
+
 /// The value of a condition, if present.
 pub fn condition<'a>(status: &'a ImageMirrorStatus, type_: &str) -> Option<&'a Condition> {
     status.conditions.iter().find(|c| c.type_ == type_)
@@ -87,15 +100,7 @@ pub fn progressing(
         generation,
         now,
     );
-    set_condition(
-        &mut s.conditions,
-        types::STALLED,
-        "False",
-        reasons::NONE,
-        "",
-        generation,
-        now,
-    );
+    clear_stalled(&mut s.conditions, generation, now);
     s
 }
 
@@ -214,15 +219,7 @@ pub fn synced(
             generation,
             now,
         );
-        set_condition(
-            &mut s.conditions,
-            types::STALLED,
-            "False",
-            reasons::NONE,
-            "",
-            generation,
-            now,
-        );
+        clear_stalled(&mut s.conditions, generation, now);
         return s;
     }
     let first = report
@@ -279,15 +276,7 @@ fn set_not_ready(
     if reason == reasons::AUTH_FAILED {
         set_condition(c, types::STALLED, "True", reason, message, generation, now);
     } else {
-        set_condition(
-            c,
-            types::STALLED,
-            "False",
-            reasons::NONE,
-            "",
-            generation,
-            now,
-        );
+        clear_stalled(c, generation, now);
     }
 }
 
