@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use imagemirror::api::ImageMirror;
 use kube::api::{Api, ListParams};
 
-use crate::support::kube_api::ApiServer;
+use crate::support::kube_api::{ApiServer, helpers};
 use crate::support::{Flavor, Seeder, TestRegistry};
 
 const MIRRORS: usize = 100;
@@ -29,14 +29,14 @@ async fn a_hundred_mirrors_become_ready_and_sigterm_exits_cleanly() {
         .push_image("base", Some("v1"), 81, &[4_000], Flavor::Oci)
         .await;
     let api = ApiServer::start().await;
-    api.create_namespace("idle").await;
+    helpers::create_namespace(&api.client(), "idle").await;
     for i in 0..MIRRORS {
         let yaml = format!(
             "apiVersion: imagemirror.dev/v1alpha1\nkind: ImageMirror\nmetadata:\n  name: m{i}\n  namespace: idle\nspec:\n  source:\n    repository: {}/base\n    plainHTTP: true\n  destination:\n    repository: {}/app-{i}\n    plainHTTP: true\n  tags:\n    names: [v1]\n",
             src.host(),
             dst.host()
         );
-        api.apply_imagemirror(&yaml).await;
+        helpers::apply_imagemirror(&api.client(), &yaml).await;
     }
     let dir = tempfile::tempdir().unwrap();
     let kubeconfig = api.kubeconfig(dir.path());
