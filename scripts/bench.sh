@@ -9,6 +9,7 @@
 #   --out DIR        where bench-results.md and bench-results.json go (default target/bench)
 #   --keep           keep the temporary directory (registries' storage, access logs, per-run output)
 #   --fail-fast      stop at the first failed run (default: report every failure, exit 1 at the end)
+#   --im-arg ARG     pass ARG to `imagemirror mirror` (repeatable), e.g. --im-arg=--concurrency=4
 #
 # Builds `imagemirror` (release), starts a source registry (CNCF distribution) on a free port on
 # 127.0.0.1, seeds it with a deterministic data set through the registry API, then for every
@@ -22,10 +23,10 @@ set -euo pipefail
 REPO_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$REPO_DIR"
 
-usage() { sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'; }
 
 quick=0 runs=3 keep=0 fail_fast=0 out="$REPO_DIR/target/bench"
-scenarios=()
+scenarios=() im_args=()
 while [ $# -gt 0 ]; do
   case "$1" in
     --quick) quick=1 ;;
@@ -37,6 +38,8 @@ while [ $# -gt 0 ]; do
     --out=*) out="${1#*=}" ;;
     --keep) keep=1 ;;
     --fail-fast) fail_fast=1 ;;
+    --im-arg) im_args+=("${2:?--im-arg needs a value}"); shift ;;
+    --im-arg=*) im_args+=("${1#*=}") ;;
     -h | --help) usage; exit 0 ;;
     *) echo "bench: unknown option $1" >&2; usage >&2; exit 2 ;;
   esac
@@ -63,6 +66,7 @@ cmdline="scripts/bench.sh"
 [ "$quick" = 1 ] && cmdline+=" --quick"
 [ "$quick" = 1 ] || cmdline+=" --runs $runs"
 for s in "${scenarios[@]}"; do cmdline+=" --scenario $s"; done
+for a in "${im_args[@]}"; do pyargs+=("--im-arg=$a"); cmdline+=" --im-arg=$a"; done
 pyargs+=(--command "$cmdline")
 
 py_pid=""

@@ -653,7 +653,7 @@ class Runner:
         if tool == "imagemirror":
             yaml = os.path.join(rdir, "mirrors.yaml")
             write_imagemirror_yaml(yaml, scenario, src, dst)
-            cmd = [self.args.bin, "mirror", "-f", yaml]
+            cmd = [self.args.bin, "mirror", "-f", yaml] + self.args.im_arg
             env.setdefault("IMAGEMIRROR_LOG_LEVEL", "warn")
             env["DOCKER_CONFIG"] = rdir  # no credentials file: anonymous
         else:
@@ -673,6 +673,9 @@ class Runner:
                 cmd = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"] + cmd
         os.chmod(yaml, 0o644)
         full = ["/usr/bin/time", "-v", "-o", timef] + cmd
+        # Write back what earlier runs left dirty (and the removed registries' trees), so a run
+        # does not pay for its predecessor's disk writes.
+        os.sync()
         src_off, dst_off = src.log_offset(), dst.log_offset()
         cpu0 = (src.cpu(), dst.cpu(), machine_busy_seconds())
         t0 = time.monotonic()
@@ -739,8 +742,8 @@ def report(results, unique, meta, failures):
                      "are left out of the medians).")
         lines.append("")
     lines.append(f"Command: `{meta['command']}`  ")
-    lines.append(f"imagemirror {meta['imagemirror_version']} (defaults: --concurrency 8 "
-                 f"--registry-concurrency 4); {meta['skopeo_version']} (`sync --all --preserve-digests`); "
+    flags = " ".join(meta["im_args"]) or "default flags"
+    lines.append(f"imagemirror {meta['imagemirror_version']} ({flags}); {meta['skopeo_version']} (`sync --all --preserve-digests`); "
                  f"{meta['registry_version']}; {meta['cpus']} CPUs, load average at start "
                  f"{meta['load']}; runs per tool: {meta['runs']}.")
     lines.append("")
@@ -809,6 +812,7 @@ def main():
     ap.add_argument("--command", default="scripts/bench.sh")
     ap.add_argument("--keep-dest", action="store_true", help="keep destination registry data")
     ap.add_argument("--fail-fast", action="store_true", help="stop at the first failed run")
+    ap.add_argument("--im-arg", action="append", default=[], help="extra `imagemirror mirror` argument")
     args = ap.parse_args()
 
     order = ["standard", "warm", "many", "shared"]
@@ -925,6 +929,7 @@ def run(args, runner, scenarios, wanted):
     meta = {
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "command": args.command,
+        "im_args": args.im_arg,
         "imagemirror_version": subprocess.run([args.bin, "--version"], capture_output=True,
                                               text=True).stdout.strip().split()[-1],
         "skopeo_version": subprocess.run(["skopeo", "--version"], capture_output=True,

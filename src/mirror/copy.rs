@@ -1,6 +1,7 @@
 //! Copy one mirror's plan: per item, index → child manifests → blobs, written in the safe
 //! order (blobs, then child manifests, then the index, the tag last).
 
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -14,6 +15,10 @@ use crate::transfer::{BlobOutcome, BlobProgress, BlobRequest, BlobState, Engine,
 
 /// Nested indexes deeper than this are refused (real images have one level).
 const MAX_DEPTH: usize = 3;
+
+/// A job with at least this many tags asks the destination for its tag list once: a tag the
+/// list lacks needs no HEAD, which saves a request per new tag for one request per job.
+const TAG_LIST_MIN: usize = 8;
 
 /// A registry client and the repository on it.
 #[derive(Clone)]
@@ -123,11 +128,13 @@ pub async fn run(
         registry: engine.rate_limited(e.registry.clone()),
         repo: e.repo.clone(),
     };
+    let destination = paced(&job.destination);
     let ctx = Ctx {
         engine,
         job,
         source: paced(&job.source),
-        destination: paced(&job.destination),
+        destination_tags: destination_tags(engine, job, &destination).await,
+        destination,
         progress,
         counters,
     };
@@ -144,12 +151,43 @@ pub async fn run(
     results.into_iter().map(|(_, r)| r).collect()
 }
 
+/// The destination's tags, when the job is worth the question and the answer came; `None`
+/// means unknown, so every tag is asked for. `overwrite: false` always asks, so a conflict is
+/// judged on the tag itself rather than on a list that may lag behind it.
+async fn destination_tags(
+    engine: &Engine,
+    job: &MirrorJob,
+    destination: &Endpoint,
+) -> Option<HashSet<String>> {
+    let tags = job.items.iter().filter(|i| matches!(i, Item::Tag(_)));
+    if !job.overwrite || tags.count() < TAG_LIST_MIN {
+        return None;
+    }
+    let repo = destination.repo.path();
+    let listed = engine
+        .config()
+        .retry
+        .run(|_| destination.registry.list_tags(repo), |_, _, _| {})
+        .await;
+    match listed {
+        Ok(tags) => Some(tags.into_iter().collect()),
+        // A repository that does not exist yet has no tags.
+        Err(RegistryError::NotFound { .. }) => Some(HashSet::new()),
+        Err(e) => {
+            tracing::debug!(repo, error = %e, "destination tag list failed; asking per tag");
+            None
+        }
+    }
+}
+
 struct Ctx<'a> {
     engine: &'a Engine,
     job: &'a MirrorJob,
     /// The job's endpoints, rate-limited, for manifest requests.
     source: Endpoint,
     destination: Endpoint,
+    /// See [`destination_tags`].
+    destination_tags: Option<HashSet<String>>,
     progress: ProgressSink,
     counters: Arc<Counters>,
 }
@@ -182,12 +220,20 @@ impl Ctx<'_> {
         let filtering = !self.job.platforms.is_empty() && matches!(item, Item::Tag(_));
         // The destination first: when it lacks the item, the source manifest is needed
         // anyway and one GET replaces the source HEAD + GET.
-        let dst_head = retry
-            .run(
-                |_| dst.registry.head_manifest(dst.repo.path(), reference),
-                |_, _, _| {},
-            )
-            .await?;
+        let unlisted = match (item, &self.destination_tags) {
+            (Item::Tag(tag), Some(listed)) => !listed.contains(tag),
+            _ => false,
+        };
+        let dst_head = if unlisted {
+            None
+        } else {
+            retry
+                .run(
+                    |_| dst.registry.head_manifest(dst.repo.path(), reference),
+                    |_, _, _| {},
+                )
+                .await?
+        };
         let dst_digest = dst_head.and_then(|h| h.digest);
         let absent = dst_digest.is_none();
         let mut source_ref = reference;

@@ -1,7 +1,7 @@
-//! One blob transfer: HEAD the destination (skipped on the first attempt for a small blob of
-//! a manifest the destination lacked), mount from a sibling, or stream from the source
-//! into an upload session (one verifying PUT for small blobs, resumable chunks for large
-//! ones); retried as the policy says. A session that is left open, because the transfer failed
+//! One blob transfer: mount from a sibling (tried first, outside the transfer limits), or HEAD
+//! the destination (skipped on the first attempt for a small blob of a manifest the destination
+//! lacked) and stream from the source into an upload session (one verifying PUT for small
+//! blobs, resumable chunks for large ones); retried as the policy says. A session that is left open, because the transfer failed
 //! for good or was aborted when every watcher left, is DELETEd.
 
 use std::sync::Arc;
@@ -23,6 +23,24 @@ pub(super) async fn run(
     mount_from: Option<&str>,
     tx: &Arc<watch::Sender<BlobState>>,
 ) -> Result<BlobOutcome, RegistryError> {
+    let mut mount_from = mount_from;
+    if let Some(from) = mount_from {
+        // A mount is one request that moves no bytes: tried before queueing for transfer
+        // permits, so a tag whose layers a sibling holds does not wait behind byte copies.
+        // No HEAD first: mounting a blob the repository already has succeeds too.
+        let (dst, repo) = (&req.destination, req.destination_repo.as_str());
+        match dst.mount_blob(repo, &req.digest, from).await {
+            Ok(MountOutcome::Mounted) => return Ok(BlobOutcome::Mounted),
+            Ok(MountOutcome::Upload(location)) => {
+                // Refused: copy the bytes under the usual limits, without asking again.
+                dst.cancel_upload(repo, &location).await;
+                mount_from = None;
+            }
+            Err(e) if !e.is_retryable() => mount_from = None,
+            // Transient: the attempts below try the mount again under the retry policy.
+            Err(_) => {}
+        }
+    }
     let _permits = engine
         .permits(req.source.host(), req.destination.host())
         .await;

@@ -473,3 +473,72 @@ async fn new_tags_upload_small_blobs_without_asking_and_a_resync_costs_one_head_
     assert_eq!(src_log.len(), 3, "{src_log:#?}");
     assert_eq!(count(&src_log, "HEAD ", "/manifests/"), 3, "{src_log:#?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_of_many_tags_lists_the_destination_once_instead_of_a_head_per_new_tag() {
+    let (src, dst) = (TestRegistry::start(), TestRegistry::start());
+    let s = Seeder::new(src.host());
+    let mut images = Vec::new();
+    for i in 0..9u64 {
+        let tag = format!("t{i}");
+        images.push(
+            s.push_image("app", Some(&tag), 40 + i, &[2_000], Flavor::Oci)
+                .await,
+        );
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let names = (0..9)
+        .map(|i| format!("t{i}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let doc = |extra: &str| {
+        mirror_doc(
+            "app",
+            src.host(),
+            "app",
+            dst.host(),
+            "mirror/app",
+            &format!("  tags:\n    names: [{names}]\n{extra}"),
+        )
+    };
+    let count = |log: &[String], method: &str, part: &str| {
+        log.iter()
+            .filter(|r| r.starts_with(method) && r.contains(part))
+            .count()
+    };
+    // One tag first: under the threshold, it is asked for with a HEAD.
+    let one = mirror_doc(
+        "app",
+        src.host(),
+        "app",
+        dst.host(),
+        "mirror/app",
+        "  tags:\n    names: [t0]\n",
+    );
+    let (code, stdout, stderr) = mirror_cli(dir.path(), &one, &[]);
+    assert_eq!(code, 0, "{stdout}\n{stderr}");
+
+    // Nine tags, one of them present: one tag list, one HEAD (for the listed tag).
+    let before = dst.requests().len();
+    let (code, stdout, stderr) = mirror_cli(dir.path(), &doc(""), &[]);
+    assert_eq!(code, 0, "{stdout}\n{stderr}");
+    let log = dst.requests()[before..].to_vec();
+    assert_eq!(count(&log, "GET ", "/tags/list"), 1, "{log:#?}");
+    assert_eq!(count(&log, "HEAD ", "/manifests/"), 1, "{log:#?}");
+    assert_eq!(count(&log, "HEAD ", "/manifests/t0"), 1, "{log:#?}");
+    assert_eq!(count(&log, "PUT ", "/manifests/"), 8, "{log:#?}");
+    let d = Seeder::new(dst.host());
+    for (i, image) in images.iter().enumerate() {
+        d.assert_copy_of("mirror/app", &format!("t{i}"), image)
+            .await;
+    }
+
+    // `overwrite: false` judges every tag by itself: a HEAD each, no list.
+    let before = dst.requests().len();
+    let (code, stdout, stderr) = mirror_cli(dir.path(), &doc("  overwrite: false\n"), &[]);
+    assert_eq!(code, 0, "{stdout}\n{stderr}");
+    let log = dst.requests()[before..].to_vec();
+    assert_eq!(count(&log, "GET ", "/tags/list"), 0, "{log:#?}");
+    assert_eq!(count(&log, "HEAD ", "/manifests/"), 9, "{log:#?}");
+    assert_eq!(log.len(), 9, "nothing is written: {log:#?}");
+}

@@ -117,3 +117,54 @@ async fn a_five_mib_manifest_is_refused() {
             .is_none()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_registry_that_will_not_mount_gets_the_layer_uploaded_instead() {
+    let (src, dst) = (TestRegistry::start(), TestRegistry::start());
+    let s = Seeder::new(src.host());
+    let base = crate::support::image::random_bytes(77, 300_000);
+    let proxy = FaultProxy::start(dst.host()).await;
+    proxy.faults.refuse_mounts.store(true, Ordering::SeqCst);
+    let (mut docs, mut images, mut base_digest) = (Vec::new(), Vec::new(), String::new());
+    for i in 0..3u64 {
+        let repo = format!("src/app-{i}");
+        let (d, size) = s.push_blob(&repo, &base).await;
+        base_digest = d.clone();
+        let config = s
+            .push_blob(&repo, format!("{{\"app\":{i}}}").as_bytes())
+            .await;
+        let image = s
+            .push_manifest_for(&repo, Some("v1"), config, vec![(d, size)], Flavor::Oci)
+            .await;
+        images.push(image);
+        docs.push(mirror_doc(
+            &format!("app-{i}"),
+            src.host(),
+            &repo,
+            proxy.host(),
+            &format!("dst/app-{i}"),
+            "  tags:\n    names: [v1]\n",
+        ));
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (code, stdout, stderr) = mirror_cli(dir.path(), &docs.join("---\n"), &[]);
+    assert_eq!(code, 0, "{stdout}\n{stderr}");
+    let d = Seeder::new(dst.host());
+    for (i, image) in images.iter().enumerate() {
+        d.assert_copy_of(&format!("dst/app-{i}"), "v1", image).await;
+    }
+    // Two mounts were tried and refused: their sessions were given back, and the layer was
+    // read from the source for every repository.
+    let log = dst.requests();
+    let cancelled = log
+        .iter()
+        .filter(|r| r.starts_with("DELETE ") && r.contains("/blobs/uploads/"))
+        .count();
+    assert_eq!(cancelled, 2, "{log:#?}");
+    let base_gets = src
+        .requests()
+        .iter()
+        .filter(|r| r.starts_with("GET ") && r.ends_with(&format!("/blobs/{base_digest}")))
+        .count();
+    assert_eq!(base_gets, 3);
+}

@@ -41,6 +41,9 @@ pub struct Faults {
     pub gone_patch: AtomicU32,
     /// Blob GETs get no answer at all (until the client gives up).
     pub hold_blob_gets: AtomicBool,
+    /// Upload POSTs lose their `mount` and `from` parameters, so the registry opens a session
+    /// instead of mounting, as a registry that does not mount across repositories does.
+    pub refuse_mounts: AtomicBool,
     /// Upload PATCHes seen (counting cut ones).
     pub patches_seen: AtomicU32,
     /// Blob GETs that are being held.
@@ -190,6 +193,15 @@ async fn forward(
             .body(Body::from(body))
             .unwrap();
     }
+    let path = if method == axum::http::Method::POST
+        && path.contains("mount=")
+        && f.refuse_mounts.load(Ordering::SeqCst)
+    {
+        path.split_once('?')
+            .map_or(path.clone(), |(p, _)| p.to_string())
+    } else {
+        path
+    };
     let mut up = ctx
         .http
         .request(method, format!("http://{}{path}", ctx.upstream));
