@@ -584,7 +584,7 @@ check "helm template: ServiceMonitor, json logs, custom limits" render "$R_SM" \
   --set metrics.serviceMonitor.enabled=true --set metrics.serviceMonitor.interval=1m \
   --set metrics.serviceMonitor.labels.release=prometheus --set logFormat=json --set logLevel=debug \
   --set concurrency=16 --set registryConcurrency=2 --set metrics.port=9090 \
-  --set chunkedThreshold=128MiB --set chunkSize=32MiB --set rateLimit=2.5
+  --set chunkedThreshold=128MiB --set chunkSize=32MiB --set-json rateLimit=2.5
 check "ServiceMonitor selects the metrics Service" assert servicemonitor "$R_SM" 1m release=prometheus
 check "values reach the flags" assert values "$R_SM" \
   --concurrency=16 --registry-concurrency=2 --metrics-addr=0.0.0.0:9090 --log-format=json --log-level=debug \
