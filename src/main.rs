@@ -54,10 +54,10 @@ struct ControllerArgs {
     /// Watch ImageMirrors in this namespace only (repeatable) [default: all namespaces].
     #[arg(long = "namespace")]
     namespaces: Vec<String>,
-    /// Blob transfers at once across all registries.
+    /// Blob transfers at once across all registries (blobs up to 1 MiB count half).
     #[arg(long, default_value_t = 8)]
     concurrency: usize,
-    /// Blob transfers at once against one registry.
+    /// Blob transfers at once against one registry (blobs up to 1 MiB count half).
     #[arg(long, default_value_t = 4)]
     registry_concurrency: usize,
     /// Address of the admin server (/metrics, /healthz, /readyz).
@@ -189,10 +189,10 @@ struct MirrorArgs {
     /// PEM bundle of extra CA certificates trusted for every registry, in addition to the system roots.
     #[arg(long)]
     ca_file: Option<PathBuf>,
-    /// Blob transfers at once across all registries.
+    /// Blob transfers at once across all registries (blobs up to 1 MiB count half).
     #[arg(long, default_value_t = 8)]
     concurrency: usize,
-    /// Blob transfers at once against one registry.
+    /// Blob transfers at once against one registry (blobs up to 1 MiB count half).
     #[arg(long, default_value_t = 4)]
     registry_concurrency: usize,
     /// Summary format.

@@ -42,7 +42,7 @@ pub(super) async fn run(
         }
     }
     let _permits = engine
-        .permits(req.source.host(), req.destination.host())
+        .permits(req.source.host(), req.destination.host(), req.size)
         .await;
     // Outlives the attempts, so a chunked upload can continue in the next one; dropped with
     // this future when the transfer is aborted, which cancels the session.

@@ -30,10 +30,11 @@ pub use verify::{FailureSlot, Verify};
 /// Limits and policies of the engine. One engine serves every mirror in the process.
 #[derive(Clone, Debug)]
 pub struct EngineConfig {
-    /// Blob transfers running at once across all registries. Default 8.
+    /// Blob transfers running at once across all registries. Default 8. A blob of at most
+    /// [`SMALL_BLOB`] bytes counts half: twice as many of those run at once.
     pub max_concurrent: usize,
     /// Blob transfers running at once against any one registry (source or destination).
-    /// Default 4.
+    /// Default 4. Small blobs count half, as for `max_concurrent`.
     pub max_per_registry: usize,
     /// Retry policy for blob transfers. Default: 5 attempts, 500 ms base, 30 s cap. Its cap
     /// also bounds how long a `429` with `Retry-After` pauses a registry.
@@ -58,6 +59,24 @@ pub struct EngineConfig {
 
 /// Smallest chunk the engine sends: below it the per-request cost dominates.
 const MIN_CHUNK: u64 = 64 * 1024;
+
+/// Blobs up to this size hold one unit of the limits, bigger ones [`BIG_UNITS`]. The limits
+/// are set in big transfers, which hold stream buffers and bandwidth; a small one is bound by
+/// round trips (and registry write latency) instead, so twice as many overlap for the same
+/// memory, and a tag's config blob does not wait for a slot a layer stream would fill.
+pub const SMALL_BLOB: u64 = 1024 * 1024;
+const BIG_UNITS: u32 = 2;
+
+/// Units of the limits a transfer of `size` bytes holds.
+fn units(size: u64) -> u32 {
+    if size <= SMALL_BLOB { 1 } else { BIG_UNITS }
+}
+
+/// A limit of `transfers` big transfers, in units.
+fn limit(transfers: usize) -> Semaphore {
+    let units = transfers.max(1).saturating_mul(BIG_UNITS as usize);
+    Semaphore::new(units.min(Semaphore::MAX_PERMITS))
+}
 
 impl Default for EngineConfig {
     fn default() -> Self {
@@ -144,7 +163,7 @@ pub struct Engine {
 impl Engine {
     /// An engine with the given limits.
     pub fn new(config: EngineConfig) -> Self {
-        let global = Arc::new(Semaphore::new(config.max_concurrent.max(1)));
+        let global = Arc::new(limit(config.max_concurrent));
         Engine {
             inner: Arc::new(Inner {
                 config,
@@ -192,7 +211,7 @@ impl Engine {
             .lock()
             .unwrap_or_else(|p| p.into_inner());
         map.entry(host.to_string())
-            .or_insert_with(|| Arc::new(Semaphore::new(self.inner.config.max_per_registry.max(1))))
+            .or_insert_with(|| Arc::new(limit(self.inner.config.max_per_registry)))
             .clone()
     }
 
@@ -346,18 +365,19 @@ impl Engine {
         }
     }
 
-    /// Permits for a transfer between two registries: global first, then per registry in
-    /// name order, so two transfers never wait on each other's registry permit.
-    async fn permits(&self, a: &str, b: &str) -> Permits {
+    /// Permits for a transfer of `size` bytes between two registries: global first, then per
+    /// registry in name order, so two transfers never wait on each other's registry permit.
+    async fn permits(&self, a: &str, b: &str, size: u64) -> Permits {
+        let n = units(size);
         let mut held = Vec::new();
-        if let Ok(p) = self.inner.global.clone().acquire_owned().await {
+        if let Ok(p) = self.inner.global.clone().acquire_many_owned(n).await {
             held.push(p);
         }
         let mut hosts = vec![a.to_string(), b.to_string()];
         hosts.sort();
         hosts.dedup();
         for h in hosts {
-            if let Ok(p) = self.registry_limit(&h).acquire_owned().await {
+            if let Ok(p) = self.registry_limit(&h).acquire_many_owned(n).await {
                 held.push(p);
             }
         }
@@ -393,5 +413,59 @@ async fn watch_until_done(
                 detail: "cancelled".into(),
             });
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use futures_util::FutureExt;
+
+    use super::*;
+
+    const BIG: u64 = 64 << 20;
+    const SMALL: u64 = 100 << 10;
+
+    fn engine(max_concurrent: usize, max_per_registry: usize) -> Engine {
+        Engine::new(EngineConfig {
+            max_concurrent,
+            max_per_registry,
+            ..EngineConfig::default()
+        })
+    }
+
+    #[tokio::test]
+    async fn a_registry_runs_its_limit_of_big_transfers_or_twice_as_many_small_ones() {
+        let e = engine(8, 2);
+        let first = e.permits("src:1", "dst:1", BIG).await;
+        let _second = e.permits("src:1", "dst:1", BIG).await;
+        assert!(e.permits("src:1", "dst:1", BIG).now_or_never().is_none());
+        assert!(
+            e.permits("dst:1", "other:1", SMALL)
+                .now_or_never()
+                .is_none()
+        );
+        // Other registries are not held up by these two.
+        let _elsewhere = e.permits("a:1", "b:1", BIG).await;
+        drop(first);
+        let _s1 = e.permits("src:1", "dst:1", SMALL).await;
+        let _s2 = e.permits("src:1", "dst:1", SMALL).await;
+        assert!(e.permits("src:1", "dst:1", SMALL).now_or_never().is_none());
+    }
+
+    #[tokio::test]
+    async fn the_global_limit_counts_the_same_units() {
+        let e = engine(1, 4);
+        let big = e.permits("a:1", "b:1", BIG).await;
+        assert!(e.permits("c:1", "d:1", SMALL).now_or_never().is_none());
+        drop(big);
+        let _s1 = e.permits("c:1", "d:1", SMALL).await;
+        let _s2 = e.permits("e:1", "f:1", SMALL).await;
+        assert!(e.permits("g:1", "h:1", SMALL).now_or_never().is_none());
+    }
+
+    #[test]
+    fn absurd_limits_do_not_overflow_the_semaphore() {
+        let e = engine(usize::MAX, usize::MAX);
+        assert_eq!(e.inner.global.available_permits(), Semaphore::MAX_PERMITS);
     }
 }
