@@ -13,6 +13,7 @@ use serde::Deserialize;
 use crate::api::{ImageMirror, ImageMirrorSpec};
 use crate::mirror::{self, ClientPool, Counters, EndpointAccess, SpecError, SyncError, SyncReport};
 use crate::registry::DockerConfig;
+use crate::registry::manifest::ALL_TAG_PAGES;
 use crate::transfer::{BlobProgress, BlobState, Engine, EngineConfig, ProgressSink, RateLimit};
 
 pub use output::{OutputFormat, render};
@@ -265,9 +266,10 @@ async fn one_mirror(
         let tags = if mirror::plan::needs_tag_list(&spec.tags) {
             source
                 .registry
-                .list_tags(source.repo.path())
+                .list_tags(source.repo.path(), ALL_TAG_PAGES)
                 .await
                 .map_err(|e| e.to_string())?
+                .tags
         } else {
             Vec::new()
         };

@@ -19,6 +19,9 @@ const MAX_DEPTH: usize = 3;
 /// A job with at least this many tags asks the destination for its tag list once: a tag the
 /// list lacks needs no HEAD, which saves a request per new tag for one request per job.
 const TAG_LIST_MIN: usize = 8;
+/// The list is used only when it fits in this many pages (of 1000 tags); a destination with
+/// more tags than that is cheaper to ask per tag.
+const TAG_LIST_PAGES: usize = 1;
 
 /// A registry client and the repository on it.
 #[derive(Clone)]
@@ -167,10 +170,14 @@ async fn destination_tags(
     let listed = engine
         .config()
         .retry
-        .run(|_| destination.registry.list_tags(repo), |_, _, _| {})
+        .run(
+            |_| destination.registry.list_tags(repo, TAG_LIST_PAGES),
+            |_, _, _| {},
+        )
         .await;
     match listed {
-        Ok(tags) => Some(tags.into_iter().collect()),
+        Ok(list) if list.complete => Some(list.tags.into_iter().collect()),
+        Ok(_) => None,
         // A repository that does not exist yet has no tags.
         Err(RegistryError::NotFound { .. }) => Some(HashSet::new()),
         Err(e) => {

@@ -14,6 +14,7 @@ pub use copy::{Counters, Endpoint, ItemOutcome, ItemResult, MirrorError, MirrorJ
 pub use plan::{Item, Plan, PlanError};
 
 use crate::api::{ImageMirrorSpec, Progress};
+use crate::registry::manifest::ALL_TAG_PAGES;
 use crate::registry::{RegistryError, Repository};
 use crate::transfer::{Engine, ProgressSink};
 
@@ -162,8 +163,12 @@ pub async fn sync(
         engine
             .config()
             .retry
-            .run(|_| registry.list_tags(source.repo.path()), |_, _, _| {})
+            .run(
+                |_| registry.list_tags(source.repo.path(), ALL_TAG_PAGES),
+                |_, _, _| {},
+            )
             .await
+            .map(|list| list.tags)
             .map_err(|e| SyncError::TagList {
                 repository: source.repo.to_string(),
                 source: e,

@@ -356,18 +356,17 @@ impl RegistryClient {
         Ok(())
     }
 
-    /// All tags of a repository, following `Link` pagination.
-    pub async fn list_tags(&self, repo: &str) -> Result<Vec<String>> {
+    /// The tags of a repository, following `Link` pagination for at most `max_pages` pages.
+    pub async fn list_tags(&self, repo: &str, max_pages: usize) -> Result<TagList> {
         #[derive(Deserialize)]
-        struct TagList {
+        struct Page {
             #[serde(default)]
             tags: Option<Vec<String>>,
         }
         let what = format!("{}/{repo} (tag list)", self.t.host);
         let mut next = Some(format!("/v2/{repo}/tags/list?n=1000"));
         let mut tags = Vec::new();
-        // A registry whose Link never ends must not keep us forever.
-        for _ in 0..10_000 {
+        for _ in 0..max_pages {
             let Some(path) = next.take() else { break };
             let url = self.t.url(&path);
             let resp = self
@@ -376,15 +375,31 @@ impl RegistryClient {
                 .await?;
             let resp = check(&what, resp).await?;
             next = header_str(resp.headers(), "link").and_then(parse_next_link);
-            let page: TagList = resp.json().await.map_err(|e| RegistryError::Transport {
+            let page: Page = resp.json().await.map_err(|e| RegistryError::Transport {
                 what: what.clone(),
                 detail: format!("tag list is not JSON: {e}"),
             })?;
             tags.extend(page.tags.unwrap_or_default());
         }
-        Ok(tags)
+        Ok(TagList {
+            tags,
+            complete: next.is_none(),
+        })
     }
 }
+
+/// The tags of a repository as the registry listed them.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct TagList {
+    /// The tags read.
+    pub tags: Vec<String>,
+    /// False when the registry had more pages than were read.
+    pub complete: bool,
+}
+
+/// Pages read when every tag is wanted: a registry whose `Link` never ends must not keep us
+/// forever.
+pub const ALL_TAG_PAGES: usize = 10_000;
 
 /// The target of `Link: <...>; rel="next"`.
 fn parse_next_link(link: &str) -> Option<String> {

@@ -18,7 +18,7 @@ use futures_util::stream::BoxStream;
 
 pub use auth::{Credentials, DockerConfig};
 pub use error::{RegistryError, Result};
-pub use manifest::{Descriptor, Manifest, ManifestHead, Parsed};
+pub use manifest::{Descriptor, Manifest, ManifestHead, Parsed, TagList};
 pub use reference::Repository;
 pub use transport::{HttpClients, RegistryOptions};
 pub use upload::MountOutcome;
@@ -50,8 +50,8 @@ pub trait Registry: Send + Sync {
         reference: &'a str,
         manifest: &'a Manifest,
     ) -> BoxFuture<'a, Result<()>>;
-    /// All tags of a repository.
-    fn list_tags<'a>(&'a self, repo: &'a str) -> BoxFuture<'a, Result<Vec<String>>>;
+    /// The tags of a repository, reading at most `max_pages` pages of the registry's list.
+    fn list_tags<'a>(&'a self, repo: &'a str, max_pages: usize) -> BoxFuture<'a, Result<TagList>>;
     /// HEAD a blob: its size, or `None` when absent.
     fn blob_size<'a>(
         &'a self,
@@ -171,8 +171,8 @@ impl Registry for RegistryClient {
     ) -> BoxFuture<'a, Result<()>> {
         RegistryClient::put_manifest(self, repo, reference, manifest).boxed()
     }
-    fn list_tags<'a>(&'a self, repo: &'a str) -> BoxFuture<'a, Result<Vec<String>>> {
-        RegistryClient::list_tags(self, repo).boxed()
+    fn list_tags<'a>(&'a self, repo: &'a str, max_pages: usize) -> BoxFuture<'a, Result<TagList>> {
+        RegistryClient::list_tags(self, repo, max_pages).boxed()
     }
     fn blob_size<'a>(
         &'a self,

@@ -10,7 +10,7 @@ use futures_util::future::BoxFuture;
 use tokio::time::Instant;
 
 use crate::registry::{
-    BlobStream, Manifest, ManifestHead, MountOutcome, Registry, RegistryError, Result,
+    BlobStream, Manifest, ManifestHead, MountOutcome, Registry, RegistryError, Result, TagList,
 };
 
 /// A request rate for one registry host.
@@ -168,8 +168,8 @@ impl<R: Registry + ?Sized> Registry for RateLimited<R> {
     ) -> BoxFuture<'a, Result<()>> {
         self.paced(self.inner.put_manifest(repo, reference, manifest))
     }
-    fn list_tags<'a>(&'a self, repo: &'a str) -> BoxFuture<'a, Result<Vec<String>>> {
-        self.paced(self.inner.list_tags(repo))
+    fn list_tags<'a>(&'a self, repo: &'a str, max_pages: usize) -> BoxFuture<'a, Result<TagList>> {
+        self.paced(self.inner.list_tags(repo, max_pages))
     }
     fn blob_size<'a>(
         &'a self,

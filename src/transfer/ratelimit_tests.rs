@@ -130,7 +130,7 @@ impl Registry for Fake {
     ) -> BoxFuture<'a, Result<()>> {
         unused()
     }
-    fn list_tags<'a>(&'a self, _: &'a str) -> BoxFuture<'a, Result<Vec<String>>> {
+    fn list_tags<'a>(&'a self, _: &'a str, _: usize) -> BoxFuture<'a, Result<TagList>> {
         unused()
     }
     fn blob_size<'a>(
