@@ -1,6 +1,9 @@
 //! `imagemirror mirror` between two real registries: the first real copy.
 
-use crate::support::{Flavor, RegistryConfig, Seeder, TestRegistry, mirror_cli, mirror_doc};
+use crate::support::{
+    Flavor, RegistryConfig, Seeder, SharedBase, TestRegistry, apps_sharing_a_base, mirror_cli,
+    mirror_doc,
+};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn copies_oci_and_docker_images_byte_identical() {
@@ -271,34 +274,12 @@ async fn dry_run_plans_from_the_tag_list_and_writes_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn twenty_mirrors_sharing_a_base_layer_pull_it_once_and_mount_the_rest() {
     let (src, dst) = (TestRegistry::start(), TestRegistry::start());
-    let s = Seeder::new(src.host());
     let base = crate::support::image::random_bytes(99, 400_000);
-    let mut docs = Vec::new();
-    let mut images = Vec::new();
-    let mut base_digest = String::new();
-    for i in 0..20u64 {
-        let repo = format!("src/app-{i}");
-        let (d, size) = s.push_blob(&repo, &base).await;
-        base_digest = d.clone();
-        let own = s
-            .push_blob(&repo, &crate::support::image::random_bytes(200 + i, 1000))
-            .await;
-        let config = s
-            .push_blob(&repo, format!("{{\"app\":{i}}}").as_bytes())
-            .await;
-        let image = s
-            .push_manifest_for(&repo, Some("v1"), config, vec![(d, size), own], Flavor::Oci)
-            .await;
-        images.push(image);
-        docs.push(mirror_doc(
-            &format!("app-{i}"),
-            src.host(),
-            &repo,
-            dst.host(),
-            &format!("dst/app-{i}"),
-            "  tags:\n    names: [v1]\n",
-        ));
-    }
+    let SharedBase {
+        docs,
+        images,
+        base_digest,
+    } = apps_sharing_a_base(src.host(), dst.host(), 20, &base).await;
     let before = src.requests().len();
     let dir = tempfile::tempdir().unwrap();
     let (code, stdout, stderr) = mirror_cli(dir.path(), &docs.join("---\n"), &[]);

@@ -3,7 +3,9 @@
 use std::sync::atomic::Ordering;
 
 use crate::support::proxy::FaultProxy;
-use crate::support::{Flavor, Seeder, TestRegistry, mirror_cli, mirror_doc};
+use crate::support::{
+    Flavor, Seeder, SharedBase, TestRegistry, apps_sharing_a_base, mirror_cli, mirror_doc,
+};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn resets_5xx_bursts_and_429s_are_retried_and_every_digest_verifies() {
@@ -121,31 +123,14 @@ async fn a_five_mib_manifest_is_refused() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_registry_that_will_not_mount_gets_the_layer_uploaded_instead() {
     let (src, dst) = (TestRegistry::start(), TestRegistry::start());
-    let s = Seeder::new(src.host());
     let base = crate::support::image::random_bytes(77, 300_000);
     let proxy = FaultProxy::start(dst.host()).await;
     proxy.faults.refuse_mounts.store(true, Ordering::SeqCst);
-    let (mut docs, mut images, mut base_digest) = (Vec::new(), Vec::new(), String::new());
-    for i in 0..3u64 {
-        let repo = format!("src/app-{i}");
-        let (d, size) = s.push_blob(&repo, &base).await;
-        base_digest = d.clone();
-        let config = s
-            .push_blob(&repo, format!("{{\"app\":{i}}}").as_bytes())
-            .await;
-        let image = s
-            .push_manifest_for(&repo, Some("v1"), config, vec![(d, size)], Flavor::Oci)
-            .await;
-        images.push(image);
-        docs.push(mirror_doc(
-            &format!("app-{i}"),
-            src.host(),
-            &repo,
-            proxy.host(),
-            &format!("dst/app-{i}"),
-            "  tags:\n    names: [v1]\n",
-        ));
-    }
+    let SharedBase {
+        docs,
+        images,
+        base_digest,
+    } = apps_sharing_a_base(src.host(), proxy.host(), 3, &base).await;
     let dir = tempfile::tempdir().unwrap();
     let (code, stdout, stderr) = mirror_cli(dir.path(), &docs.join("---\n"), &[]);
     assert_eq!(code, 0, "{stdout}\n{stderr}");

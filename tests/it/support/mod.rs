@@ -72,3 +72,49 @@ pub fn mirror_cli(dir: &Path, docs: &str, extra: &[&str]) -> (i32, String, Strin
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
 }
+
+/// Images in repositories `src/app-{i}` that share one base layer, and the documents that
+/// mirror each of them to `dst/app-{i}`.
+pub struct SharedBase {
+    /// One ImageMirror document per image (join them with `---`).
+    pub docs: Vec<String>,
+    /// The images, in repository order.
+    pub images: Vec<image::Pushed>,
+    /// The digest of the shared layer.
+    pub base_digest: String,
+}
+
+/// Pushes `n` images tagged `v1` to `src`, each with the layer `base` and a small layer of its
+/// own, and writes the documents mirroring `src/app-{i}` to `dst/app-{i}` on `dst`.
+pub async fn apps_sharing_a_base(src: &str, dst: &str, n: u64, base: &[u8]) -> SharedBase {
+    let s = Seeder::new(src);
+    let mut out = SharedBase {
+        docs: Vec::new(),
+        images: Vec::new(),
+        base_digest: String::new(),
+    };
+    for i in 0..n {
+        let repo = format!("src/app-{i}");
+        let (d, size) = s.push_blob(&repo, base).await;
+        out.base_digest = d.clone();
+        let own = s
+            .push_blob(&repo, &image::random_bytes(200 + i, 1000))
+            .await;
+        let config = s
+            .push_blob(&repo, format!("{{\"app\":{i}}}").as_bytes())
+            .await;
+        let image = s
+            .push_manifest_for(&repo, Some("v1"), config, vec![(d, size), own], Flavor::Oci)
+            .await;
+        out.images.push(image);
+        out.docs.push(mirror_doc(
+            &format!("app-{i}"),
+            src,
+            &repo,
+            dst,
+            &format!("dst/app-{i}"),
+            "  tags:\n    names: [v1]\n",
+        ));
+    }
+    out
+}
