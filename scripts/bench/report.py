@@ -1,0 +1,93 @@
+"""The markdown report."""
+
+import statistics
+
+from common import *  # noqa: F401,F403 (shared constants and helpers)
+
+# ----------------------------------------------------------------------------------------------
+# Report
+
+
+def fmt_bytes(n):
+    for unit, f in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= f:
+            return f"{n / f:.2f} {unit}"
+    return f"{n} B"
+
+
+def fmt_methods(runs, side):
+    keys = sorted({m for r in runs for m in r[side]["methods"]},
+                  key=lambda m: ["GET", "HEAD", "POST", "PATCH", "PUT", "DELETE"].index(m)
+                  if m in ["GET", "HEAD", "POST", "PATCH", "PUT", "DELETE"] else 99)
+    parts = []
+    for k in keys:
+        vals = [r[side]["methods"].get(k, 0) for r in runs]
+        med = statistics.median(vals)
+        parts.append(f"{k} {med:g}")
+    total = statistics.median([r[side]["total"] for r in runs])
+    return f"{total:g} ({', '.join(parts)})" if parts else "0"
+
+
+def report(results, unique, meta, failures):
+    lines = []
+    lines.append(f"# imagemirror vs skopeo sync — {meta['date']}")
+    lines.append("")
+    if failures:
+        lines.append(f"**FAILED: {len(failures)} run(s) failed** (see Failures below; failed runs "
+                     "are left out of the medians).")
+        lines.append("")
+    lines.append(f"Command: `{meta['command']}`  ")
+    flags = " ".join(meta["im_args"]) or "default flags"
+    lines.append(f"imagemirror {meta['imagemirror_version']} ({flags}); {meta['skopeo_version']} (`sync --all --preserve-digests`); "
+                 f"{meta['registry_version']}; {meta['cpus']} CPUs, load average at start "
+                 f"{meta['load']}; runs per tool: {meta['runs']}.")
+    lines.append("")
+    lines.append("| scenario | tool | wall (median) | im/skopeo | peak RSS | source requests | "
+                 "destination requests | bytes read from source / unique | CPU s: tool / src reg / dst reg / other |")
+    lines.append("|---|---|---:|---:|---:|---|---|---|---|")
+    for scen in results:
+        med = {}
+        for tool in TOOLS:
+            ok = [r for r in results[scen].get(tool, []) if not r["failure"]]
+            if ok:
+                med[tool] = statistics.median(r["wall"] for r in ok)
+        for tool in TOOLS:
+            all_runs = results[scen].get(tool, [])
+            runs = [r for r in all_runs if not r["failure"]]
+            walls = ", ".join(f"{r['wall']:.2f}" if not r["failure"] else "FAILED" for r in all_runs)
+            if not runs:
+                if all_runs:
+                    lines.append(f"| {scen} | {tool} | all runs FAILED ({walls}) | | | | | | |")
+                continue
+            ratio = ""
+            if tool == "imagemirror" and "skopeo" in med and med["skopeo"] > 0:
+                ratio = f"{med['imagemirror'] / med['skopeo']:.2f}×"
+            rss = statistics.median(r["rss_kb"] for r in runs) / 1024
+            read = statistics.median(r["src"]["blob_get_bytes"] for r in runs)
+            u = unique[scen]
+            rel = f"{read / u:.2f}×" if u else "-"
+            cpu = " / ".join(f"{statistics.median(r[k] for r in runs):.1f}"
+                             for k in ("cpu_tool", "cpu_src", "cpu_dst", "cpu_other"))
+            lines.append(f"| {scen} | {tool} | {med[tool]:.2f} s ({walls}) | {ratio} | {rss:.0f} MiB | "
+                         f"{fmt_methods(runs, 'src')} | {fmt_methods(runs, 'dst')} | "
+                         f"{fmt_bytes(read)} / {fmt_bytes(u)} = {rel} | {cpu} |")
+    lines.append("")
+    lines.append("Wall: median of the runs (each run in parentheses), from `/usr/bin/time -v`; "
+                 "im/skopeo: ratio of the medians (below 1 means imagemirror is faster). "
+                 "Requests: counted in each registry's access log during the run, median per method. "
+                 "Bytes read: sum of the response sizes of `GET …/blobs/…` on the source; unique: the "
+                 "sum of the sizes of the distinct blobs the scenario references (1.00× means every "
+                 "byte was read once). CPU: user+system seconds of the tool and of each registry "
+                 "process during the run, and of everything else on the machine (other users' builds: "
+                 "a high number means the run competed for the CPUs). Cold scenarios copy into a fresh registry every run; warm "
+                 "re-runs standard against a destination that already has everything. Every run is "
+                 "verified: all manifests byte-identical to the source, every blob present.")
+    lines.append("")
+    if failures:
+        lines.append("## Failures")
+        lines.append("")
+        lines.append("```")
+        lines.extend(failures)
+        lines.append("```")
+        lines.append("")
+    return "\n".join(lines)
