@@ -10,6 +10,7 @@
 #   --keep           keep the temporary directory (registries' storage, access logs, per-run output)
 #   --fail-fast      stop at the first failed run (default: report every failure, exit 1 at the end)
 #   --im-arg ARG     pass ARG to `imagemirror mirror` (repeatable), e.g. --im-arg=--concurrency=4
+#   --bin PATH       use this imagemirror binary instead of building the release one (smoke tests)
 #
 # Builds `imagemirror` (release), starts a source registry (CNCF distribution) on a free port on
 # 127.0.0.1, seeds it with a deterministic data set through the registry API, then for every
@@ -24,9 +25,9 @@ set -euo pipefail
 REPO_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$REPO_DIR"
 
-usage() { sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; }
 
-quick=0 runs=3 keep=0 fail_fast=0 out="$REPO_DIR/target/bench"
+quick=0 runs=3 keep=0 fail_fast=0 out="$REPO_DIR/target/bench" bin=""
 scenarios=() im_args=()
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -41,6 +42,8 @@ while [ $# -gt 0 ]; do
     --fail-fast) fail_fast=1 ;;
     --im-arg) im_args+=("${2:?--im-arg needs a value}"); shift ;;
     --im-arg=*) im_args+=("${1#*=}") ;;
+    --bin) bin="${2:?--bin needs a path}"; shift ;;
+    --bin=*) bin="${1#*=}" ;;
     -h | --help) usage; exit 0 ;;
     *) echo "bench: unknown option $1" >&2; usage >&2; exit 2 ;;
   esac
@@ -53,9 +56,14 @@ for tool in docker-registry skopeo python3 curl; do
 done
 [ -x /usr/bin/time ] || { echo "bench: /usr/bin/time is missing (Debian package time)" >&2; exit 1; }
 
-echo "bench: cargo build --release --locked --bin imagemirror" >&2
-cargo build --release --locked --bin imagemirror
-BIN="$REPO_DIR/target/release/imagemirror"
+if [ -n "$bin" ]; then
+  [ -x "$bin" ] || { echo "bench: --bin $bin is not an executable" >&2; exit 1; }
+  BIN="$(cd "$(dirname "$bin")" && pwd)/$(basename "$bin")"
+else
+  echo "bench: cargo build --release --locked --bin imagemirror" >&2
+  cargo build --release --locked --bin imagemirror
+  BIN="$REPO_DIR/target/release/imagemirror"
+fi
 
 WORK="$(mktemp -d "${TMPDIR:-/tmp}/imagemirror-bench.XXXXXX")"
 pyargs=(--bin "$BIN" --work "$WORK" --out "$out" --runs "$runs")
