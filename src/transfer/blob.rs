@@ -1,8 +1,9 @@
-//! One blob transfer: mount from a sibling (tried first, outside the transfer limits), or HEAD
-//! the destination (skipped on the first attempt for a small blob of a manifest the destination
-//! lacked) and stream from the source into an upload session (one verifying PUT for small
-//! blobs, resumable chunks for large ones); retried as the policy says. A session that is left open, because the transfer failed
-//! for good or was aborted when every watcher left, is DELETEd.
+//! One blob transfer: mount from a sibling (tried first, under the mount limit rather than the
+//! transfer limits), or HEAD the destination (skipped on the first attempt for a small blob of a
+//! manifest the destination lacked) and stream from the source into an upload session (one
+//! verifying PUT for small blobs, resumable chunks for large ones); retried as the policy says.
+//! A session that is left open, because the transfer failed for good or was aborted when every
+//! watcher left, is DELETEd.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -29,6 +30,7 @@ pub(super) async fn run(
         // permits, so a tag whose layers a sibling holds does not wait behind byte copies.
         // No HEAD first: mounting a blob the repository already has succeeds too.
         let (dst, repo) = (&req.destination, req.destination_repo.as_str());
+        let _permit = engine.mount_permit(dst.host()).await;
         match dst.mount_blob(repo, &req.digest, from).await {
             Ok(MountOutcome::Mounted) => return Ok(BlobOutcome::Mounted),
             Ok(MountOutcome::Upload(location)) => {

@@ -148,7 +148,8 @@ struct Inner {
     config: EngineConfig,
     manifests: keyed_lock::KeyedLocks,
     global: Arc<Semaphore>,
-    per_registry: Mutex<HashMap<String, Arc<Semaphore>>>,
+    /// Per registry host: the transfer limit, and the mount limit.
+    per_registry: Mutex<HashMap<(String, Lane), Arc<Semaphore>>>,
     /// Request pacing per registry host.
     buckets: Mutex<HashMap<String, Arc<ratelimit::Bucket>>>,
     state: Mutex<Book>,
@@ -204,13 +205,13 @@ impl Engine {
             .count()
     }
 
-    fn registry_limit(&self, host: &str) -> Arc<Semaphore> {
+    fn registry_limit(&self, host: &str, lane: Lane) -> Arc<Semaphore> {
         let mut map = self
             .inner
             .per_registry
             .lock()
             .unwrap_or_else(|p| p.into_inner());
-        map.entry(host.to_string())
+        map.entry((host.to_string(), lane))
             .or_insert_with(|| Arc::new(limit(self.inner.config.max_per_registry)))
             .clone()
     }
@@ -377,12 +378,39 @@ impl Engine {
         hosts.sort();
         hosts.dedup();
         for h in hosts {
-            if let Ok(p) = self.registry_limit(&h).acquire_many_owned(n).await {
+            if let Ok(p) = self
+                .registry_limit(&h, Lane::Transfer)
+                .acquire_many_owned(n)
+                .await
+            {
                 held.push(p);
             }
         }
         Permits { _held: held }
     }
+
+    /// A permit for one mount into `host`.
+    async fn mount_permit(&self, host: &str) -> Permits {
+        let held = self
+            .registry_limit(host, Lane::Mount)
+            .acquire_owned()
+            .await
+            .ok();
+        Permits {
+            _held: held.into_iter().collect(),
+        }
+    }
+}
+
+/// Which limit of a registry a request counts against.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+enum Lane {
+    /// Blob transfers (in units, see [`units`]).
+    Transfer,
+    /// Cross-repository mounts: one request each, moving no bytes, so they do not queue behind
+    /// transfers; bounded all the same (as many as small transfers), so a thousand mirrors
+    /// sharing a layer do not send a thousand mounts at once.
+    Mount,
 }
 
 /// The global permit and per-registry permits of one running transfer; released on drop.
@@ -461,6 +489,15 @@ mod tests {
         let _s1 = e.permits("c:1", "d:1", SMALL).await;
         let _s2 = e.permits("e:1", "f:1", SMALL).await;
         assert!(e.permits("g:1", "h:1", SMALL).now_or_never().is_none());
+    }
+
+    #[tokio::test]
+    async fn mounts_do_not_wait_for_transfers_and_have_a_bound_of_their_own() {
+        let e = engine(8, 1);
+        let _big = e.permits("src:1", "dst:1", BIG).await;
+        let _m1 = e.mount_permit("dst:1").await;
+        let _m2 = e.mount_permit("dst:1").await;
+        assert!(e.mount_permit("dst:1").now_or_never().is_none());
     }
 
     #[test]
