@@ -18,7 +18,8 @@
 # registry, measuring wall time and peak RSS (/usr/bin/time -v), counting requests per registry
 # from the access logs, and verifying after every run that the destination holds byte-identical
 # manifests and every blob. Exits non-zero when a tool fails or a verification fails.
-# Not run by CI (the full run takes minutes and ~6 GiB of disk at peak); the work is done by
+# CI runs only the smoke variant (scripts/test.sh: --quick with the debug binary); the full run
+# takes minutes and ~6 GiB of disk at peak. The work is done by
 # scripts/bench/bench.py (python3, stdlib only; the data set, registries and report are in
 # dataset.py, common.py and report.py beside it).
 set -euo pipefail
