@@ -6,7 +6,8 @@ use imagemirror::registry::{Credentials, RegistryClient, RegistryOptions};
 use crate::support::tls::TestCa;
 use crate::support::token::{TokenConfig, TokenServer};
 use crate::support::{
-    Flavor, RegistryConfig, Seeder, TestRegistry, mirror_cli, mirror_doc, mirror_doc_sides, side,
+    Flavor, RegistryConfig, Seeder, TestRegistry, app_v1_doc, mirror_cli, mirror_doc,
+    mirror_doc_sides, side,
 };
 
 const USER: &str = "mirror";
@@ -147,14 +148,7 @@ async fn wrong_token_credentials_fail_as_auth_failed_naming_the_registry_and_not
         "auth.json",
         &[(src.host(), USER, PASS), (dst.host(), USER, wrong)],
     );
-    let doc = mirror_doc(
-        "app",
-        src.host(),
-        "app",
-        dst.host(),
-        "app",
-        "  tags:\n    names: [v1]\n",
-    );
+    let doc = app_v1_doc(src.host(), dst.host());
     let (code, stdout, stderr) = mirror_cli(
         dir.path(),
         &doc,

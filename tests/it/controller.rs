@@ -67,6 +67,17 @@ fn mirror_yaml(ns: &str, name: &str, src: &str, dst: &str, extra: &str) -> Strin
     )
 }
 
+/// ImageMirror `app` in `ns`, from `src/app` to `dst/app`, with `extra` spec lines.
+fn app_yaml(ns: &str, src: &str, dst: &str, extra: &str) -> String {
+    mirror_yaml(
+        ns,
+        "app",
+        &format!("{src}/app"),
+        &format!("{dst}/app"),
+        extra,
+    )
+}
+
 fn cond(m: &ImageMirror, type_: &str) -> Option<(String, String)> {
     m.status
         .as_ref()?
@@ -223,13 +234,7 @@ async fn a_missing_secret_stalls_and_creating_it_makes_the_mirror_ready() {
     let ns = cluster.fresh_namespace("im").await;
     let running = Running::start(cluster.client(), config(&ns));
     let extra = "    credentialsSecret: dst-creds\n  tags:\n    names: [v1]\n";
-    let yaml = mirror_yaml(
-        &ns,
-        "app",
-        &format!("{}/app", src.host()),
-        &format!("{}/app", dst.host()),
-        extra,
-    );
+    let yaml = app_yaml(&ns, src.host(), dst.host(), extra);
     cluster.apply_imagemirror(&yaml).await;
     let stalled = cluster
         .wait_for(&ns, "app", WAIT, |m| {
@@ -284,11 +289,10 @@ async fn an_uneventful_resync_writes_status_once_and_copies_nothing() {
     let cluster = TestCluster::start().await;
     let ns = cluster.fresh_namespace("im").await;
     let running = Running::start(cluster.client(), config(&ns));
-    let yaml = mirror_yaml(
+    let yaml = app_yaml(
         &ns,
-        "app",
-        &format!("{}/app", src.host()),
-        &format!("{}/app", dst.host()),
+        src.host(),
+        dst.host(),
         "  tags:\n    names: [v1]\n  interval: 2s\n",
     );
     cluster.apply_imagemirror(&yaml).await;
@@ -366,13 +370,7 @@ async fn two_controllers_with_leader_election_never_both_copy() {
     };
     let a = Running::start(cluster.client(), elect("replica-a"));
     let b = Running::start(cluster.client(), elect("replica-b"));
-    let yaml = mirror_yaml(
-        &ns,
-        "app",
-        &format!("{}/app", src.host()),
-        &format!("{}/app", dst.host()),
-        "  tags:\n    names: [v1]\n",
-    );
+    let yaml = app_yaml(&ns, src.host(), dst.host(), "  tags:\n    names: [v1]\n");
     cluster.apply_imagemirror(&yaml).await;
     cluster.wait_for(&ns, "app", WAIT, ready).await;
     let puts = |tag: &str| {
@@ -424,11 +422,10 @@ async fn the_status_written_is_exactly_what_the_sync_found() {
     let cluster = TestCluster::start().await;
     let ns = cluster.fresh_namespace("im").await;
     let running = Running::start(cluster.client(), config(&ns));
-    let yaml = mirror_yaml(
+    let yaml = app_yaml(
         &ns,
-        "app",
-        &format!("{}/app", src.host()),
-        &format!("{}/app", dst.host()),
+        src.host(),
+        dst.host(),
         "  tags:\n    names: [good, gone]\n",
     );
     cluster.apply_imagemirror(&yaml).await;

@@ -1,8 +1,8 @@
 //! `imagemirror mirror` between two real registries: the first real copy.
 
 use crate::support::{
-    Flavor, RegistryConfig, Seeder, SharedBase, TestRegistry, apps_sharing_a_base, mirror_cli,
-    mirror_doc,
+    Flavor, RegistryConfig, Seeder, SharedBase, TestRegistry, app_v1_doc, apps_sharing_a_base,
+    mirror_cli, mirror_doc,
 };
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -195,14 +195,7 @@ async fn basic_auth_from_the_auth_file_and_a_named_failure_for_wrong_credentials
         .push_image("app", Some("v1"), 6, &[10_000], Flavor::Docker)
         .await;
     let dir = tempfile::tempdir().unwrap();
-    let doc = mirror_doc(
-        "app",
-        src.host(),
-        "app",
-        dst.host(),
-        "app",
-        "  tags:\n    names: [v1]\n",
-    );
+    let doc = app_v1_doc(src.host(), dst.host());
     let auth = |pass: &str| {
         use base64::Engine;
         let token = base64::engine::general_purpose::STANDARD.encode(format!("mirror:{pass}"));

@@ -4,7 +4,7 @@ use std::sync::atomic::Ordering;
 
 use crate::support::proxy::FaultProxy;
 use crate::support::{
-    Flavor, Seeder, SharedBase, TestRegistry, apps_sharing_a_base, mirror_cli, mirror_doc,
+    Flavor, Seeder, SharedBase, TestRegistry, app_v1_doc, apps_sharing_a_base, mirror_cli,
 };
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -24,14 +24,7 @@ async fn resets_5xx_bursts_and_429s_are_retried_and_every_digest_verifies() {
     proxy.faults.rate_limited.store(1, Ordering::SeqCst);
     proxy.faults.reset_blob_gets.store(3, Ordering::SeqCst);
     let dir = tempfile::tempdir().unwrap();
-    let doc = mirror_doc(
-        "app",
-        proxy.host(),
-        "app",
-        dst.host(),
-        "app",
-        "  tags:\n    names: [v1]\n",
-    );
+    let doc = app_v1_doc(proxy.host(), dst.host());
     let (code, stdout, stderr) = mirror_cli(dir.path(), &doc, &[]);
     assert_eq!(code, 0, "{stdout}\n{stderr}");
     // Every injected fault fired, and the copy still verifies byte for byte.
@@ -52,14 +45,7 @@ async fn a_corrupting_source_gives_digest_mismatch_naming_the_blob_and_no_tag() 
     let proxy = FaultProxy::start(src.host()).await;
     proxy.faults.corrupt_blobs.store(true, Ordering::SeqCst);
     let dir = tempfile::tempdir().unwrap();
-    let doc = mirror_doc(
-        "app",
-        proxy.host(),
-        "app",
-        dst.host(),
-        "app",
-        "  tags:\n    names: [v1]\n",
-    );
+    let doc = app_v1_doc(proxy.host(), dst.host());
     let (code, stdout, stderr) = mirror_cli(dir.path(), &doc, &["--output", "json"]);
     assert_eq!(code, 1, "{stdout}\n{stderr}");
     let rows: serde_json::Value = serde_json::from_str(&stdout).unwrap();
@@ -100,14 +86,7 @@ async fn a_five_mib_manifest_is_refused() {
     let proxy = FaultProxy::start(src.host()).await;
     proxy.faults.giant_manifests.store(true, Ordering::SeqCst);
     let dir = tempfile::tempdir().unwrap();
-    let doc = mirror_doc(
-        "app",
-        proxy.host(),
-        "app",
-        dst.host(),
-        "app",
-        "  tags:\n    names: [v1]\n",
-    );
+    let doc = app_v1_doc(proxy.host(), dst.host());
     let (code, stdout, stderr) = mirror_cli(dir.path(), &doc, &["--output", "json"]);
     assert_eq!(code, 1, "{stdout}\n{stderr}");
     let rows: serde_json::Value = serde_json::from_str(&stdout).unwrap();

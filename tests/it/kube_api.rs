@@ -97,38 +97,15 @@ async fn create_get_list_with_selectors_and_pages() {
     let names = |l: kube::core::ObjectList<ImageMirror>| {
         l.items.iter().map(|m| m.name_any()).collect::<Vec<_>>()
     };
-    assert_eq!(
-        names(
-            api.list(&ListParams::default().labels("app=demo"))
-                .await
-                .unwrap()
-        ),
-        ["one"]
-    );
-    assert_eq!(
-        names(
-            api.list(&ListParams::default().labels("app!=demo"))
-                .await
-                .unwrap()
-        ),
-        ["two"]
-    );
-    assert_eq!(
-        names(
-            api.list(&ListParams::default().labels("app in (x,other)"))
-                .await
-                .unwrap()
-        ),
-        ["two"]
-    );
-    assert_eq!(
-        names(
-            api.list(&ListParams::default().fields("metadata.name=two"))
-                .await
-                .unwrap()
-        ),
-        ["two"]
-    );
+    for (params, want) in [
+        (ListParams::default().labels("app=demo"), "one"),
+        (ListParams::default().labels("app!=demo"), "two"),
+        (ListParams::default().labels("app in (x,other)"), "two"),
+        (ListParams::default().fields("metadata.name=two"), "two"),
+    ] {
+        let listed = names(api.list(&params).await.unwrap());
+        assert_eq!(listed, [want], "{params:?}");
+    }
     let everywhere = Api::<ImageMirror>::all(server.client())
         .list(&ListParams::default())
         .await

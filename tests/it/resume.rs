@@ -44,6 +44,25 @@ fn request(src: &str, dst: &str, digest: &str, size: u64) -> BlobRequest {
     }
 }
 
+/// Copies blob `digest` (`size` bytes) of repository `big` from `from` to `to` (one of them a
+/// fault proxy) with the chunking engine; the copy must succeed and arrive whole at `dst`.
+async fn copy_verified(
+    from: &str,
+    to: &str,
+    dst: &TestRegistry,
+    digest: &str,
+    size: u64,
+) -> BlobOutcome {
+    let outcome = chunking_engine()
+        .copy_blob(request(from, to, digest, size), &no_progress())
+        .await
+        .expect("copied");
+    Seeder::new(dst.host())
+        .assert_blob("big", digest, size)
+        .await;
+    outcome
+}
+
 /// The upload session id in `METHOD /v2/<repo>/blobs/uploads/<id>?_state=...`.
 fn session_of(request: &str) -> Option<&str> {
     let rest = request.split("/blobs/uploads/").nth(1)?;
@@ -165,23 +184,13 @@ async fn a_lost_patch_answer_cannot_resume_on_distribution_so_a_new_session_fini
     let proxy = FaultProxy::start(dst.host()).await;
     // PATCH 2 lands whole; its answer (with the new signed offset) never comes back.
     proxy.faults.lose_patch_answer.store(2, Ordering::SeqCst);
-    let engine = chunking_engine();
-    let outcome = engine
-        .copy_blob(
-            request(src.host(), proxy.host(), &digest, size),
-            &no_progress(),
-        )
-        .await
-        .expect("copied");
+    let outcome = copy_verified(src.host(), proxy.host(), &dst, &digest, size).await;
     assert_eq!(
         outcome,
         BlobOutcome::Copied {
             bytes_sent: 16 * MIB + size
         }
     );
-    Seeder::new(dst.host())
-        .assert_blob("big", &digest, size)
-        .await;
     let log = dst.responses();
     // Asking the old location where the session stands is refused: its signed offset (8 MiB)
     // is not what the session holds (16 MiB).
@@ -210,18 +219,9 @@ async fn a_source_reset_inside_a_chunk_is_healed_inside_the_chunk() {
     let proxy = FaultProxy::start(src.host()).await;
     // The first GET and the first reconnection are each cut after 8 KiB.
     proxy.faults.reset_blob_gets.store(2, Ordering::SeqCst);
-    let outcome = chunking_engine()
-        .copy_blob(
-            request(proxy.host(), dst.host(), &digest, size),
-            &no_progress(),
-        )
-        .await
-        .expect("copied");
+    let outcome = copy_verified(proxy.host(), dst.host(), &dst, &digest, size).await;
     // Nothing was sent twice: the chunk in flight went on with bytes from a Range GET.
     assert_eq!(outcome, BlobOutcome::Copied { bytes_sent: size });
-    Seeder::new(dst.host())
-        .assert_blob("big", &digest, size)
-        .await;
     assert_eq!(proxy.faults.reset_blob_gets.load(Ordering::SeqCst), 0);
     let gets: Vec<_> = src
         .responses()
@@ -243,22 +243,14 @@ async fn a_session_that_vanished_is_replaced_not_fatal() {
         .await;
     let proxy = FaultProxy::start(dst.host()).await;
     proxy.faults.gone_patch.store(2, Ordering::SeqCst);
-    let outcome = chunking_engine()
-        .copy_blob(
-            request(src.host(), proxy.host(), &digest, size),
-            &no_progress(),
-        )
-        .await
-        .expect("a lost session is retried in a new one");
+    // A lost session is retried in a new one.
+    let outcome = copy_verified(src.host(), proxy.host(), &dst, &digest, size).await;
     assert_eq!(
         outcome,
         BlobOutcome::Copied {
             bytes_sent: 16 * MIB + size
         }
     );
-    Seeder::new(dst.host())
-        .assert_blob("big", &digest, size)
-        .await;
     let log = dst.responses();
     let sessions: std::collections::BTreeSet<_> = on_sessions(&log, "PATCH")
         .iter()

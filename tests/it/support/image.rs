@@ -117,20 +117,7 @@ impl Seeder {
 
     pub async fn push_blob(&self, repo: &str, bytes: &[u8]) -> (String, u64) {
         let digest = sha256_digest(bytes);
-        let resp = self
-            .send(self.req(
-                reqwest::Method::POST,
-                &self.url(&format!("/v2/{repo}/blobs/uploads/")),
-            ))
-            .await
-            .expect("POST upload");
-        assert_eq!(resp.status(), 202, "start upload in {repo}");
-        let loc = resp.headers()[LOCATION].to_str().unwrap().to_string();
-        let loc = if loc.starts_with("http") {
-            loc
-        } else {
-            self.url(&loc)
-        };
+        let loc = self.start_upload(repo).await;
         let sep = if loc.contains('?') { '&' } else { '?' };
         let resp = self
             .send(
@@ -149,15 +136,7 @@ impl Seeder {
     /// the way, then committed by digest.
     pub async fn push_blob_stream(&self, repo: &str, size: u64, seed: u64) -> (String, u64) {
         const BLOCK: u64 = 1 << 20;
-        let resp = self
-            .send(self.req(
-                reqwest::Method::POST,
-                &self.url(&format!("/v2/{repo}/blobs/uploads/")),
-            ))
-            .await
-            .expect("POST upload");
-        assert_eq!(resp.status(), 202, "start upload in {repo}");
-        let loc = self.absolute(resp.headers()[LOCATION].to_str().unwrap());
+        let loc = self.start_upload(repo).await;
         let base = Bytes::from(random_bytes(seed, BLOCK as usize));
         let hasher = Arc::new(Mutex::new(Hasher::new()));
         let h = hasher.clone();
@@ -191,6 +170,19 @@ impl Seeder {
             .expect("PUT blob");
         assert_eq!(resp.status(), 201, "finish upload of {digest}");
         (digest, size)
+    }
+
+    /// Opens an upload session in `repo`; its absolute location.
+    async fn start_upload(&self, repo: &str) -> String {
+        let resp = self
+            .send(self.req(
+                reqwest::Method::POST,
+                &self.url(&format!("/v2/{repo}/blobs/uploads/")),
+            ))
+            .await
+            .expect("POST upload");
+        assert_eq!(resp.status(), 202, "start upload in {repo}");
+        self.absolute(resp.headers()[LOCATION].to_str().unwrap())
     }
 
     fn absolute(&self, location: &str) -> String {

@@ -32,6 +32,11 @@ pub fn mirror_doc(
     )
 }
 
+/// The common case: tag `v1` of `src/app` to `dst/app`, over plain HTTP.
+pub fn app_v1_doc(src: &str, dst: &str) -> String {
+    mirror_doc("app", src, "app", dst, "app", "  tags:\n    names: [v1]\n")
+}
+
 /// One side of an ImageMirror spec: `repository: host/repo` and settings such as
 /// `plainHTTP: false` or `insecureSkipTLSVerify: true`, one per line.
 pub fn side(host: &str, repo: &str, settings: &[&str]) -> String {

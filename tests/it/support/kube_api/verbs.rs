@@ -90,6 +90,27 @@ fn domain(res: &ResourceDef, sub: &str) -> Domain {
     }
 }
 
+/// Records in `managed` that `manager` wrote `new` (over `old`) through `sub`, as of now.
+fn record_update(
+    managed: &mut Vec<ManagedEntry>,
+    res: &ResourceDef,
+    old: Option<&Value>,
+    new: &Value,
+    manager: &str,
+    sub: &str,
+) {
+    fields::record_update(
+        managed,
+        res,
+        old,
+        new,
+        manager,
+        sub,
+        domain(res, sub),
+        &now(),
+    );
+}
+
 impl Store {
     /// Checks the identity fields a client sent against the request.
     fn check_body(
@@ -261,16 +282,7 @@ impl Store {
         meta_mut(&mut body).insert("name".into(), json!(name));
         let new = Self::prepare(res_idx, None, body, ns, &name, "")?;
         let mut managed = Vec::new();
-        fields::record_update(
-            &mut managed,
-            res,
-            None,
-            &new,
-            ctx.manager,
-            "",
-            domain(res, ""),
-            &now(),
-        );
+        record_update(&mut managed, res, None, &new, ctx.manager, "");
         Ok(self.commit(key, new, managed, ctx.dry_run))
     }
 
@@ -322,16 +334,13 @@ impl Store {
             _ => {}
         }
         let new = Self::prepare(res_idx, Some(&old), body, ns, name, ctx.subresource)?;
-        let d = domain(res, ctx.subresource);
-        fields::record_update(
+        record_update(
             &mut managed,
             res,
             Some(&old),
             &new,
             ctx.manager,
             ctx.subresource,
-            d,
-            &now(),
         );
         Ok(self.commit(key, new, managed, ctx.dry_run))
     }
@@ -365,15 +374,13 @@ impl Store {
                 }
                 Self::check_body(res, ns, Some(name), &full)?;
                 let new = Self::prepare(res_idx, Some(&old), full, ns, name, ctx.subresource)?;
-                fields::record_update(
+                record_update(
                     &mut managed,
                     res,
                     Some(&old),
                     &new,
                     ctx.manager,
                     ctx.subresource,
-                    d,
-                    &now(),
                 );
                 return Ok((self.commit(key, new, managed, ctx.dry_run), false));
             }
