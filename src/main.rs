@@ -48,18 +48,47 @@ enum Command {
     Controller(ControllerArgs),
 }
 
-/// The controller's flags, as the Helm chart passes them.
+/// The engine's limits and upload settings, the same for `mirror` and `controller`.
 #[derive(clap::Args)]
-struct ControllerArgs {
-    /// Watch ImageMirrors in this namespace only (repeatable) [default: all namespaces].
-    #[arg(long = "namespace")]
-    namespaces: Vec<String>,
+struct EngineArgs {
     /// Blob transfers at once across all registries (blobs up to 1 MiB count half).
     #[arg(long, default_value_t = 8)]
     concurrency: usize,
     /// Blob transfers at once against one registry (blobs up to 1 MiB count half).
     #[arg(long, default_value_t = 4)]
     registry_concurrency: usize,
+    /// Blobs larger than this go up in resumable chunks (KiB, MiB, GiB); smaller ones in one PUT.
+    #[arg(long, value_parser = cli::parse_size, default_value = "64MiB")]
+    chunked_threshold: u64,
+    /// Size of each chunk of a chunked upload (at least 64KiB).
+    #[arg(long, value_parser = cli::parse_size, default_value = "16MiB")]
+    chunk_size: u64,
+    /// Requests per second to any one registry [default: no limit; a 429 with Retry-After always pauses the registry].
+    #[arg(long)]
+    rate_limit: Option<f64>,
+}
+
+impl EngineArgs {
+    fn config(&self) -> EngineConfig {
+        EngineConfig {
+            max_concurrent: self.concurrency.max(1),
+            max_per_registry: self.registry_concurrency.max(1),
+            chunked_threshold: self.chunked_threshold,
+            chunk_size: self.chunk_size,
+            rate_limit: cli::rate_limit(self.rate_limit),
+            ..EngineConfig::default()
+        }
+    }
+}
+
+/// The controller's flags, as the Helm chart passes them.
+#[derive(clap::Args)]
+struct ControllerArgs {
+    /// Watch ImageMirrors in this namespace only (repeatable) [default: all namespaces].
+    #[arg(long = "namespace")]
+    namespaces: Vec<String>,
+    #[command(flatten)]
+    engine: EngineArgs,
     /// Address of the admin server (/metrics, /healthz, /readyz).
     #[arg(long, default_value = "0.0.0.0:8080")]
     metrics_addr: String,
@@ -75,15 +104,6 @@ struct ControllerArgs {
     /// PEM bundle of extra CA certificates trusted for every registry, in addition to the system roots.
     #[arg(long)]
     ca_file: Option<PathBuf>,
-    /// Blobs larger than this go up in resumable chunks (KiB, MiB, GiB); smaller ones in one PUT.
-    #[arg(long, value_parser = cli::parse_size, default_value = "64MiB")]
-    chunked_threshold: u64,
-    /// Size of each chunk of a chunked upload (at least 64KiB).
-    #[arg(long, value_parser = cli::parse_size, default_value = "16MiB")]
-    chunk_size: u64,
-    /// Requests per second to any one registry [default: no limit; a 429 with Retry-After always pauses the registry].
-    #[arg(long)]
-    rate_limit: Option<f64>,
     /// This replica's identity for leader election.
     #[arg(long, env = "POD_NAME")]
     identity: Option<String>,
@@ -103,15 +123,8 @@ impl ControllerArgs {
             .unwrap_or_else(|| format!("imagemirror-{:08x}", rand::random::<u32>()));
         Ok(ControllerConfig {
             namespaces: self.namespaces,
-            engine: EngineConfig {
-                max_concurrent: self.concurrency.max(1),
-                max_per_registry: self.registry_concurrency.max(1),
-                chunked_threshold: self.chunked_threshold,
-                chunk_size: self.chunk_size,
-                rate_limit: cli::rate_limit(self.rate_limit),
-                ..EngineConfig::default()
-            },
-            item_concurrency: self.concurrency.max(1),
+            engine: self.engine.config(),
+            item_concurrency: self.engine.concurrency.max(1),
             metrics_addr: Some(metrics_addr),
             leader_election: self.leader_elect.then_some(LeaderElection {
                 namespace: self.leader_election_namespace,
@@ -189,24 +202,11 @@ struct MirrorArgs {
     /// PEM bundle of extra CA certificates trusted for every registry, in addition to the system roots.
     #[arg(long)]
     ca_file: Option<PathBuf>,
-    /// Blob transfers at once across all registries (blobs up to 1 MiB count half).
-    #[arg(long, default_value_t = 8)]
-    concurrency: usize,
-    /// Blob transfers at once against one registry (blobs up to 1 MiB count half).
-    #[arg(long, default_value_t = 4)]
-    registry_concurrency: usize,
+    #[command(flatten)]
+    engine: EngineArgs,
     /// Summary format.
     #[arg(long, value_enum, default_value_t = OutputFormat::Text)]
     output: OutputFormat,
-    /// Blobs larger than this go up in resumable chunks (KiB, MiB, GiB); smaller ones in one PUT.
-    #[arg(long, value_parser = cli::parse_size, default_value = "64MiB")]
-    chunked_threshold: u64,
-    /// Size of each chunk of a chunked upload (at least 64KiB).
-    #[arg(long, value_parser = cli::parse_size, default_value = "16MiB")]
-    chunk_size: u64,
-    /// Requests per second to any one registry [default: no limit; a 429 with Retry-After always pauses the registry].
-    #[arg(long)]
-    rate_limit: Option<f64>,
     /// Progress display: bars on a terminal and plain lines elsewhere (auto), or as chosen.
     #[arg(long, value_enum, default_value_t = ProgressMode::Auto)]
     progress: ProgressMode,
@@ -259,12 +259,8 @@ fn main() -> ExitCode {
                 dry_run: m.dry_run,
                 auth_file: m.auth_file,
                 ca_file: m.ca_file,
-                concurrency: m.concurrency,
-                registry_concurrency: m.registry_concurrency,
+                engine: m.engine.config(),
                 output: m.output,
-                chunked_threshold: m.chunked_threshold,
-                chunk_size: m.chunk_size,
-                rate_limit: m.rate_limit.filter(|r| *r > 0.0),
             };
             let progress = match (&bars, mode) {
                 (Some(bars), _) => bars.sink(),

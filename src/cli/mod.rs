@@ -32,16 +32,8 @@ pub struct MirrorOptions {
     /// A PEM bundle of CA certificates trusted for every registry, in addition to the system
     /// roots (private CAs).
     pub ca_file: Option<PathBuf>,
-    /// Blob transfers at once (global limit). Items per mirror run at the same number.
-    pub concurrency: usize,
-    /// Blob transfers at once per registry.
-    pub registry_concurrency: usize,
-    /// Blobs larger than this many bytes go up in resumable chunks.
-    pub chunked_threshold: u64,
-    /// Bytes per chunk of a chunked upload.
-    pub chunk_size: u64,
-    /// Requests per second to any one registry; `None` does not pace.
-    pub rate_limit: Option<f64>,
+    /// The engine's limits and upload settings. Items per mirror run at its global limit.
+    pub engine: EngineConfig,
     /// Summary format.
     pub output: OutputFormat,
 }
@@ -189,14 +181,7 @@ pub async fn run_mirror(
         })?),
         None => None,
     };
-    let engine = Engine::new(EngineConfig {
-        max_concurrent: opts.concurrency.max(1),
-        max_per_registry: opts.registry_concurrency.max(1),
-        chunked_threshold: opts.chunked_threshold,
-        chunk_size: opts.chunk_size,
-        rate_limit: rate_limit(opts.rate_limit),
-        ..EngineConfig::default()
-    });
+    let engine = Engine::new(opts.engine.clone());
     let pool = ClientPool::new();
     let runs = mirrors.iter().map(|m| {
         let name = format!(
@@ -285,7 +270,7 @@ async fn one_mirror(
         spec,
         source,
         destination,
-        opts.concurrency.max(1),
+        opts.engine.max_concurrent.max(1),
         progress,
         Arc::new(Counters::default()),
     )
