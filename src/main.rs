@@ -11,7 +11,7 @@ use tracing_subscriber::fmt::writer::BoxMakeWriter;
 
 use imagemirror::cli::{self, Bars, MirrorOptions, OutputFormat, ProgressMode};
 use imagemirror::controller::{ControllerConfig, LeaderElection};
-use imagemirror::transfer::EngineConfig;
+use imagemirror::transfer::{EngineConfig, RetryPolicy, StallWatchdog};
 
 /// Keeps container images mirrored between registries.
 #[derive(Parser)]
@@ -64,8 +64,19 @@ struct EngineArgs {
     #[arg(long, value_parser = cli::parse_size, default_value = "16MiB")]
     chunk_size: u64,
     /// Requests per second to any one registry [default: no limit; a 429 with Retry-After always pauses the registry].
-    #[arg(long)]
+    #[arg(long, value_parser = cli::parse_rate)]
     rate_limit: Option<f64>,
+    /// How long one transfer or request waits out 429/503 answers (which never count as
+    /// failed attempts) before it fails (ms, s, m, h).
+    #[arg(long, value_parser = cli::parse_flag_duration, default_value = "10m")]
+    throttle_timeout: std::time::Duration,
+    /// Stall watchdog: a transfer moving fewer than --stall-min-bytes in this window is
+    /// abandoned and retried; 0s disables it (ms, s, m, h).
+    #[arg(long, value_parser = cli::parse_flag_duration, default_value = "60s")]
+    stall_window: std::time::Duration,
+    /// Stall watchdog: bytes a transfer must move in every --stall-window (KiB, MiB).
+    #[arg(long, value_parser = cli::parse_size, default_value = "1KiB")]
+    stall_min_bytes: u64,
 }
 
 impl EngineArgs {
@@ -76,6 +87,14 @@ impl EngineArgs {
             chunked_threshold: self.chunked_threshold,
             chunk_size: self.chunk_size,
             rate_limit: cli::rate_limit(self.rate_limit),
+            retry: RetryPolicy {
+                throttle_deadline: self.throttle_timeout,
+                ..RetryPolicy::default()
+            },
+            stall: (!self.stall_window.is_zero()).then_some(StallWatchdog {
+                window: self.stall_window,
+                min_bytes: self.stall_min_bytes,
+            }),
             ..EngineConfig::default()
         }
     }

@@ -310,9 +310,66 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
         .ok_or_else(|| format!("{text:?} is too large"))
 }
 
+/// Parses `--rate-limit`: requests per second, 0 for no limit, else between 0.001 (one
+/// request per ~17 minutes) and 1 000 000.
+pub fn parse_rate(text: &str) -> Result<f64, String> {
+    let r: f64 = text
+        .trim()
+        .parse()
+        .map_err(|_| format!("{text:?} is not a number of requests per second"))?;
+    if r == 0.0 || (r.is_finite() && (0.001..=1_000_000.0).contains(&r)) {
+        Ok(r)
+    } else {
+        Err(format!(
+            "{text:?}: the rate must be 0 (no limit) or between 0.001 and 1000000 requests per second"
+        ))
+    }
+}
+
+/// Parses an engine duration flag: a number with unit `ms`, `s`, `m` or `h` (`90s`, `10m`),
+/// at most 7 days.
+pub fn parse_flag_duration(text: &str) -> Result<std::time::Duration, String> {
+    let t = text.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (number, unit) = t.split_at(split);
+    let number: u64 = number
+        .parse()
+        .map_err(|_| format!("{text:?} is not a duration like 90s or 10m"))?;
+    let millis_per = match unit.trim() {
+        "ms" => 1,
+        "s" | "" => 1000,
+        "m" => 60_000,
+        "h" => 3_600_000,
+        _ => return Err(format!("{text:?}: unknown unit (use ms, s, m or h)")),
+    };
+    let millis = number
+        .checked_mul(millis_per)
+        .filter(|m| *m <= 7 * 24 * 3_600_000)
+        .ok_or_else(|| format!("{text:?} is longer than 7 days"))?;
+    Ok(std::time::Duration::from_millis(millis))
+}
+
 #[cfg(test)]
 mod tests {
-    use super::parse_size;
+    use super::{parse_flag_duration, parse_rate, parse_size};
+    use std::time::Duration;
+
+    #[test]
+    fn rates_and_durations() {
+        assert_eq!(parse_rate("2.5"), Ok(2.5));
+        assert_eq!(parse_rate("0"), Ok(0.0));
+        for bad in ["1e-20", "-1", "NaN", "inf", "1e300", "x"] {
+            let err = parse_rate(bad).unwrap_err();
+            assert!(err.contains(bad), "{err}");
+        }
+        assert_eq!(parse_flag_duration("90s"), Ok(Duration::from_secs(90)));
+        assert_eq!(parse_flag_duration("10m"), Ok(Duration::from_secs(600)));
+        assert_eq!(parse_flag_duration("250ms"), Ok(Duration::from_millis(250)));
+        for bad in ["", "1.5s", "18446744073709551615h", "8d", "999h"] {
+            let err = parse_flag_duration(bad).unwrap_err();
+            assert!(err.contains(bad), "{err}");
+        }
+    }
 
     #[test]
     fn sizes() {

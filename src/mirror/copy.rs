@@ -5,8 +5,8 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use futures_util::future::{BoxFuture, try_join_all};
-use futures_util::{FutureExt, StreamExt};
+use futures_util::future::BoxFuture;
+use futures_util::{FutureExt, StreamExt, TryStreamExt};
 
 use super::plan::Item;
 use crate::registry::manifest::is_index;
@@ -208,6 +208,18 @@ impl Ctx<'_> {
             result: Ok(ItemOutcome::UpToDate),
         };
         out.result = self.copy_item_inner(item, &mut out).await;
+        if let Err(MirrorError::Registry(e)) = &out.result
+            && e.is_blob_unknown()
+        {
+            // The destination lost a blob the engine believed present (deleted and
+            // garbage-collected): forget what it knew of the repository and try once more,
+            // asking afresh.
+            tracing::info!(item = item.name(), error = %e, "destination lacks a blob believed present; checking again");
+            let dst = &self.job.destination;
+            self.engine
+                .forget_present(dst.registry.host(), dst.repo.path());
+            out.result = self.copy_item_inner(item, &mut out).await;
+        }
         if let Err(e) = &out.result {
             tracing::warn!(item = item.name(), reason = e.reason(), error = %e, "item failed");
         }
@@ -319,22 +331,37 @@ impl Ctx<'_> {
                 return Err(MirrorError::TooDeep(what));
             }
             match manifest.parse(&what)? {
+                // Children go through a bounded window, so a manifest naming thousands does
+                // not start thousands of transfers (each a task) at once.
                 Parsed::Image { config, layers } => {
-                    let blobs = std::iter::once(config).chain(layers);
-                    try_join_all(blobs.map(|d| self.copy_blob(d.digest, d.size, absent))).await?;
+                    let blobs = std::iter::once(config).chain(layers).map(Ok);
+                    futures_util::stream::iter(blobs)
+                        .try_for_each_concurrent(self.fan_out(), |d| async move {
+                            self.copy_blob(d.digest, d.size, absent).await.map(drop)
+                        })
+                        .await?;
                 }
                 Parsed::Index { manifests } => {
-                    try_join_all(
-                        manifests
-                            .into_iter()
-                            .map(|d| self.copy_child_manifest(d.digest, depth)),
-                    )
-                    .await?;
+                    futures_util::stream::iter(manifests.into_iter().map(Ok))
+                        .try_for_each_concurrent(self.fan_out(), |d| {
+                            self.copy_child_manifest(d.digest, depth)
+                        })
+                        .await?;
                 }
             }
             Ok(())
         }
         .boxed()
+    }
+
+    /// Children of one manifest in progress at once: enough to keep the engine's transfer
+    /// slots busy (small blobs count half), no more.
+    fn fan_out(&self) -> usize {
+        self.engine
+            .config()
+            .max_concurrent
+            .saturating_mul(4)
+            .clamp(4, 256)
     }
 
     async fn copy_child_manifest(&self, digest: String, depth: usize) -> Result<(), MirrorError> {

@@ -45,6 +45,25 @@ pub enum DockerConfigError {
     /// An `auth` entry that is not base64 of `user:password`.
     #[error("auths[{0:?}].auth is not base64 of \"user:password\"")]
     BadAuth(String),
+    /// An entry (or one of its fields) of the wrong JSON type. Names the key, never the value.
+    #[error("auths[{key:?}]{} is not {}", field.map(|f| format!(".{f}")).unwrap_or_default(), if field.is_some() { "a string" } else { "an object" })]
+    Field {
+        /// The registry key of the entry.
+        key: String,
+        /// The field, or `None` when the entry itself is not an object.
+        field: Option<&'static str>,
+    },
+}
+
+/// serde_json's error as its category and position only, so no part of the input shows.
+pub(crate) fn syntax_only(e: &serde_json::Error) -> String {
+    let kind = match e.classify() {
+        serde_json::error::Category::Io => "unreadable",
+        serde_json::error::Category::Syntax => "invalid JSON",
+        serde_json::error::Category::Data => "unexpected JSON content",
+        serde_json::error::Category::Eof => "truncated JSON",
+    };
+    format!("{kind} at line {} column {}", e.line(), e.column())
 }
 
 /// Credentials per registry, from a `~/.docker/config.json` or a `kubernetes.io/dockerconfigjson`
@@ -64,32 +83,48 @@ impl fmt::Debug for DockerConfig {
     }
 }
 
-#[derive(Deserialize)]
-struct RawConfig {
-    #[serde(default)]
-    auths: HashMap<String, RawAuth>,
-}
-
-#[derive(Deserialize)]
-struct RawAuth {
-    #[serde(default)]
-    auth: Option<String>,
-    #[serde(default)]
-    username: Option<String>,
-    #[serde(default)]
-    password: Option<String>,
-}
-
 impl DockerConfig {
     /// Parses dockerconfigjson. Keys may be hosts, `host:port` or URLs
     /// (`https://index.docker.io/v1/`); Docker Hub's aliases all mean one registry.
+    ///
+    /// The document is walked by hand rather than deserialised into structs: serde's type
+    /// errors quote the offending value (`invalid type: string "<base64 of user:password>"`),
+    /// and these messages reach logs, status and Events. Errors here name the key only.
     pub fn parse(json: &[u8]) -> Result<Self, DockerConfigError> {
-        // serde_json's message names the position, never the value, so it is safe to show.
-        let raw: RawConfig =
-            serde_json::from_slice(json).map_err(|e| DockerConfigError::Json(e.to_string()))?;
+        // serde_json's syntax errors name the position, never the value, so they are safe.
+        let doc: serde_json::Value =
+            serde_json::from_slice(json).map_err(|e| DockerConfigError::Json(syntax_only(&e)))?;
+        let serde_json::Value::Object(doc) = doc else {
+            return Err(DockerConfigError::Json(
+                "the document is not a JSON object".into(),
+            ));
+        };
+        let auths = match doc.get("auths") {
+            None | Some(serde_json::Value::Null) => return Ok(DockerConfig::default()),
+            Some(serde_json::Value::Object(a)) => a,
+            Some(_) => return Err(DockerConfigError::Json("\"auths\" is not an object".into())),
+        };
         let mut by_host = HashMap::new();
-        for (key, entry) in raw.auths {
-            let creds = match (entry.auth, entry.username, entry.password) {
+        for (key, entry) in auths {
+            let serde_json::Value::Object(entry) = entry else {
+                return Err(DockerConfigError::Field {
+                    key: key.clone(),
+                    field: None,
+                });
+            };
+            let field = |name: &'static str| -> Result<Option<&str>, DockerConfigError> {
+                match entry.get(name) {
+                    None | Some(serde_json::Value::Null) => Ok(None),
+                    Some(serde_json::Value::String(s)) => Ok(Some(s.as_str())),
+                    Some(_) => Err(DockerConfigError::Field {
+                        key: key.clone(),
+                        field: Some(name),
+                    }),
+                }
+            };
+            let (auth, username, password) =
+                (field("auth")?, field("username")?, field("password")?);
+            let creds = match (auth, username, password) {
                 (Some(auth), _, _) if !auth.is_empty() => {
                     let decoded = BASE64
                         .decode(auth.trim())
@@ -104,10 +139,13 @@ impl DockerConfig {
                         password: p.to_string(),
                     }
                 }
-                (_, Some(username), Some(password)) => Credentials { username, password },
+                (_, Some(username), Some(password)) => Credentials {
+                    username: username.to_string(),
+                    password: password.to_string(),
+                },
                 _ => continue,
             };
-            by_host.insert(normalise_host(&key).to_string(), creds);
+            by_host.insert(normalise_host(key).to_string(), creds);
         }
         Ok(DockerConfig { by_host })
     }
@@ -204,15 +242,24 @@ fn parse_params(s: &str) -> HashMap<String, String> {
     out
 }
 
-/// The token endpoint's answer.
+/// The token endpoint's answer: `token` or `access_token`, and `expires_in` seconds.
 #[derive(Deserialize)]
 pub(crate) struct TokenResponse {
     #[serde(default)]
     pub token: Option<String>,
     #[serde(default)]
     pub access_token: Option<String>,
+    /// Any JSON number (or nothing): a registry's odd value must not fail the login.
     #[serde(default)]
-    pub expires_in: Option<u64>,
+    pub expires_in: Option<serde_json::Number>,
+}
+
+impl TokenResponse {
+    /// Parses a token answer. The error tells what is wrong and where, never the bytes (they
+    /// may hold the token).
+    pub(crate) fn parse(body: &[u8]) -> Result<Self, String> {
+        serde_json::from_slice(body).map_err(|e| syntax_only(&e))
+    }
 }
 
 /// A bearer token with its expiry. `Debug` never shows it.
@@ -231,16 +278,33 @@ impl fmt::Debug for Token {
     }
 }
 
+/// Longest a token is trusted, whatever its `expires_in` says: a registry's `u64::MAX` would
+/// overflow the clock, and a token kept for days outlives rotated credentials.
+pub(crate) const MAX_TOKEN_LIFETIME: Duration = Duration::from_secs(3600);
+
 impl Token {
-    /// Builds a token from the endpoint's answer; the distribution spec's default lifetime is 60 s.
+    /// Builds a token from the endpoint's answer; the distribution spec's default lifetime is
+    /// 60 s. Lifetimes are clamped to 1 s ..= [`MAX_TOKEN_LIFETIME`].
     pub(crate) fn from_response(resp: TokenResponse) -> Option<Token> {
         let value = resp.token.or(resp.access_token).filter(|t| !t.is_empty())?;
-        let lifetime = Duration::from_secs(resp.expires_in.unwrap_or(60).max(1));
+        let secs = match resp.expires_in {
+            None => 60,
+            Some(n) => n
+                .as_u64()
+                .or_else(|| {
+                    n.as_f64()
+                        .filter(|f| f.is_finite() && *f > 0.0)
+                        .map(|f| f as u64)
+                })
+                .unwrap_or(60),
+        };
+        let lifetime = Duration::from_secs(secs.max(1)).min(MAX_TOKEN_LIFETIME);
         // Renew a little early so a token never expires mid-request.
         let margin = Duration::from_secs(5).min(lifetime / 2);
+        let now = Instant::now();
         Some(Token {
             value,
-            expires: Instant::now() + lifetime - margin,
+            expires: now.checked_add(lifetime - margin).unwrap_or(now),
         })
     }
 
@@ -278,6 +342,33 @@ mod tests {
         let err = DockerConfig::parse(br#"{"auths":{"r.example":{"auth":"!!!"}}}"#).unwrap_err();
         assert!(err.to_string().contains("r.example"));
         assert!(DockerConfig::parse(b"nope").is_err());
+        // base64 of user:hunter2 where an object belongs, or of the wrong type in a field.
+        for (doc, named) in [
+            (
+                r#"{"auths":{"127.0.0.1:1":"dXNlcjpodW50ZXIy"}}"#,
+                "127.0.0.1:1",
+            ),
+            (
+                r#"{"auths":{"r.example":{"auth":["dXNlcjpodW50ZXIy"]}}}"#,
+                ".auth",
+            ),
+            (
+                r#"{"auths":{"r.example":{"username":"u","password":77777}}}"#,
+                ".password",
+            ),
+            (r#"{"auths":"dXNlcjpodW50ZXIy"}"#, "auths"),
+            (
+                r#"{"auths":{"r.example":{"auth":"dXNlcjpodW50ZXIy"#,
+                "line 1",
+            ),
+        ] {
+            let err = DockerConfig::parse(doc.as_bytes()).unwrap_err().to_string();
+            assert!(
+                !err.contains("dXNlcjpodW50ZXIy") && !err.contains("77777"),
+                "{err}"
+            );
+            assert!(err.contains(named), "{err}");
+        }
     }
 
     #[test]
@@ -296,6 +387,22 @@ mod tests {
             expires: Instant::now(),
         };
         assert!(!format!("{t:?}").contains("secret-token"));
+    }
+
+    #[test]
+    fn token_lifetimes_are_clamped_and_errors_hide_the_body() {
+        let parse = |s: &str| Token::from_response(TokenResponse::parse(s.as_bytes()).unwrap());
+        let far = parse(r#"{"token":"t","expires_in":18446744073709551615}"#).unwrap();
+        assert!(far.expires <= Instant::now() + MAX_TOKEN_LIFETIME);
+        for odd in ["-5", "1e308", "0", "0.5"] {
+            let t = parse(&format!(r#"{{"token":"t","expires_in":{odd}}}"#)).unwrap();
+            assert!(t.expires <= Instant::now() + MAX_TOKEN_LIFETIME, "{odd}");
+        }
+        assert!(parse(r#"{"token":""}"#).is_none());
+        let err = TokenResponse::parse(br#"{"token":["s3cr3t"]}"#)
+            .err()
+            .unwrap();
+        assert!(!err.contains("s3cr3t"), "{err}");
     }
 
     #[test]

@@ -36,6 +36,9 @@ pub enum RegistryError {
     /// CA, expired, wrong name) or the server does not speak TLS at all.
     #[error("{what}: TLS failed: {detail}")]
     Tls { what: String, detail: String },
+    /// A transfer whose bytes stopped moving (see the engine's stall watchdog).
+    #[error("{what}: stalled: {detail}")]
+    Stalled { what: String, detail: String },
     /// A manifest over the size limit; refused before it is read.
     #[error("manifest {what} is {size} bytes, over the {limit} byte limit")]
     ManifestTooLarge { what: String, size: u64, limit: u64 },
@@ -60,6 +63,13 @@ pub enum RegistryError {
     /// A repository or reference that does not parse.
     #[error("invalid reference {what:?}: {detail}")]
     InvalidReference { what: String, detail: String },
+    /// A `Location` or `Link` the registry sent that is not a URL, or points to another
+    /// origin (refused so that credentials stay with the registry).
+    #[error("{what}: unusable location: {detail}")]
+    BadLocation { what: String, detail: String },
+    /// An answer larger than the engine reads (error bodies, tokens, tag pages, indexes).
+    #[error("{what}: the registry's answer is over the {limit} limit")]
+    TooLarge { what: String, limit: String },
     /// The client could not be configured (bad CA certificate, ...).
     #[error("{what}: {detail}")]
     Config { what: String, detail: String },
@@ -76,11 +86,14 @@ impl RegistryError {
             RegistryError::Status { .. } => "RegistryError",
             RegistryError::Transport { .. } => "NetworkError",
             RegistryError::Tls { .. } => "TLSError",
+            RegistryError::Stalled { .. } => "Stalled",
             RegistryError::ManifestTooLarge { .. } => "ManifestTooLarge",
             RegistryError::ManifestInvalid { .. } => "ManifestInvalid",
             RegistryError::Schema1 { .. } => "UnsupportedSchema1",
             RegistryError::DigestMismatch { .. } => "DigestMismatch",
             RegistryError::InvalidReference { .. } => "InvalidReference",
+            RegistryError::BadLocation { .. } => "BadLocation",
+            RegistryError::TooLarge { .. } => "AnswerTooLarge",
             RegistryError::Config { .. } => "InvalidConfig",
         }
     }
@@ -89,8 +102,19 @@ impl RegistryError {
     /// 408/429, digest mismatch, bad manifests) are not retried.
     pub fn is_retryable(&self) -> bool {
         match self {
-            RegistryError::RateLimited { .. } | RegistryError::Transport { .. } => true,
+            RegistryError::RateLimited { .. }
+            | RegistryError::Transport { .. }
+            | RegistryError::Stalled { .. } => true,
             RegistryError::Status { status, .. } => *status == 408 || *status >= 500,
+            _ => false,
+        }
+    }
+
+    /// The registry says a blob it was expected to hold is not there (`BLOB_UNKNOWN`,
+    /// `MANIFEST_BLOB_UNKNOWN`): what was believed present should be asked again.
+    pub fn is_blob_unknown(&self) -> bool {
+        match self {
+            RegistryError::Status { detail, .. } => detail.contains("BLOB_UNKNOWN"),
             _ => false,
         }
     }

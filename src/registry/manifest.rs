@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 use super::RegistryClient;
 use super::digest::sha256_digest;
 use super::error::{RegistryError, Result};
-use super::transport::{Access, check};
+use super::transport::{Access, Capped, check, read_capped};
 
 /// OCI image manifest.
 pub const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
@@ -193,6 +193,12 @@ impl Manifest {
             let manifests = raw
                 .manifests
                 .ok_or_else(|| invalid("index without manifests"))?;
+            if manifests.len() > MAX_CHILDREN {
+                return Err(invalid(&format!(
+                    "index with {} entries, over the limit of {MAX_CHILDREN}",
+                    manifests.len()
+                )));
+            }
             manifests.iter().try_for_each(check_digest)?;
             Ok(Parsed::Index { manifests })
         } else {
@@ -200,6 +206,12 @@ impl Manifest {
                 .config
                 .ok_or_else(|| invalid("image manifest without config"))?;
             let layers = raw.layers.unwrap_or_default();
+            if layers.len() > MAX_CHILDREN {
+                return Err(invalid(&format!(
+                    "image with {} layers, over the limit of {MAX_CHILDREN}",
+                    layers.len()
+                )));
+            }
             check_digest(&config)?;
             layers.iter().try_for_each(check_digest)?;
             Ok(Parsed::Image { config, layers })
@@ -364,22 +376,44 @@ impl RegistryClient {
             tags: Option<Vec<String>>,
         }
         let what = format!("{}/{repo} (tag list)", self.t.host);
-        let mut next = Some(format!("/v2/{repo}/tags/list?n=1000"));
+        let mut next = Some(self.t.url(&format!("/v2/{repo}/tags/list?n=1000")));
         let mut tags = Vec::new();
         for _ in 0..max_pages {
-            let Some(path) = next.take() else { break };
-            let url = self.t.url(&path);
+            let Some(url) = next.take() else { break };
             let resp = self
                 .t
                 .send(&what, &Access::Pull(repo.into()), || self.t.http.get(&url))
                 .await?;
             let resp = check(&what, resp).await?;
-            next = header_str(resp.headers(), "link").and_then(parse_next_link);
-            let page: Page = resp.json().await.map_err(|e| RegistryError::Transport {
-                what: what.clone(),
-                detail: format!("tag list is not JSON: {e}"),
-            })?;
+            next = match header_str(resp.headers(), "link").and_then(parse_next_link) {
+                Some(link) => Some(self.t.resolve(&what, &link)?),
+                None => None,
+            };
+            let body = match read_capped(resp, MAX_TAG_PAGE).await {
+                Ok(Capped::Whole(b)) => b,
+                Ok(Capped::Cut(_)) => {
+                    return Err(RegistryError::TooLarge {
+                        what,
+                        limit: format!("{MAX_TAG_PAGE} bytes per tag-list page"),
+                    });
+                }
+                Err(e) => return Err(RegistryError::transport(&what, &e)),
+            };
+            let page: Page =
+                serde_json::from_slice(&body).map_err(|e| RegistryError::Transport {
+                    what: what.clone(),
+                    detail: format!(
+                        "tag list is not JSON of the expected shape: {}",
+                        super::auth::syntax_only(&e)
+                    ),
+                })?;
             tags.extend(page.tags.unwrap_or_default());
+            if tags.len() >= MAX_TAGS {
+                // An endless (or enormous) list: what was read is reported as incomplete.
+                tags.truncate(MAX_TAGS);
+                next = next.or(Some(String::new()));
+                break;
+            }
         }
         Ok(TagList {
             tags,
@@ -396,6 +430,15 @@ pub struct TagList {
     /// False when the registry had more pages than were read.
     pub complete: bool,
 }
+
+/// Most entries of an index, or layers of an image, that are followed. Real images have tens
+/// (overlay filesystems stop at 128 layers); a 4 MiB manifest could name ~40 000.
+pub const MAX_CHILDREN: usize = 4096;
+
+/// Largest tag-list page read (1000 tags of 128 characters fit eight times over).
+pub const MAX_TAG_PAGE: usize = 1024 * 1024;
+/// Most tags read from one repository, over all pages.
+pub const MAX_TAGS: usize = 100_000;
 
 /// Pages read when every tag is wanted: a registry whose `Link` never ends must not keep us
 /// forever.

@@ -4,6 +4,7 @@ use std::collections::HashMap;
 use std::fmt;
 use std::time::Duration;
 
+use bytes::{Bytes, BytesMut};
 use reqwest::header::{AUTHORIZATION, HeaderMap, RETRY_AFTER, WWW_AUTHENTICATE};
 use reqwest::{RequestBuilder, Response, StatusCode};
 use tokio::sync::Mutex;
@@ -61,10 +62,20 @@ impl Access {
 
 #[derive(Default)]
 struct AuthState {
-    /// Learnt from the first 401; until then requests go out anonymous.
+    /// Learnt from the first 401 of the registry itself; until then requests go out anonymous.
     challenge: Option<Challenge>,
+    /// Tokens per scope; expired ones are dropped whenever one is added, and the map is
+    /// bounded (a long-running controller touches many repositories).
     tokens: HashMap<Access, Token>,
 }
+
+/// Scopes whose tokens one client keeps at most.
+const MAX_TOKENS: usize = 256;
+
+/// Error bodies are read up to this many bytes; the rest is never read.
+pub(crate) const MAX_ERROR_BODY: usize = 4096;
+/// Largest token answer read (JWTs with many scopes run to a few KiB).
+pub(crate) const MAX_TOKEN_BODY: usize = 256 * 1024;
 
 /// HTTP clients by TLS settings, for registry clients to share: building one loads and parses
 /// the system's root certificates (~5 ms each), and clones share one connection pool, which
@@ -106,6 +117,19 @@ fn build_http_client(options: &RegistryOptions) -> std::result::Result<reqwest::
         .read_timeout(Duration::from_secs(60))
         .pool_idle_timeout(Duration::from_secs(60))
         .user_agent(concat!("imagemirror/", env!("CARGO_PKG_VERSION")))
+        // reqwest drops Authorization when a redirect changes host or port; refusing
+        // https -> http as well keeps credentials (and content) off plain text.
+        .redirect(reqwest::redirect::Policy::custom(|attempt| {
+            let downgrade = attempt.url().scheme() == "http"
+                && attempt.previous().iter().any(|u| u.scheme() == "https");
+            if downgrade {
+                attempt.error("refusing a redirect from https to http")
+            } else if attempt.previous().len() > 5 {
+                attempt.error("too many redirects")
+            } else {
+                attempt.follow()
+            }
+        }))
         .tls_danger_accept_invalid_certs(options.insecure_skip_tls_verify);
     if let Some(pem) = &options.ca_pem {
         let certs = reqwest::Certificate::from_pem_bundle(pem)
@@ -158,13 +182,36 @@ impl Transport {
         })
     }
 
-    /// An absolute URL for a path under the registry, or a `Location` the registry returned.
-    pub(crate) fn url(&self, path_or_location: &str) -> String {
-        if path_or_location.starts_with("http://") || path_or_location.starts_with("https://") {
-            path_or_location.to_string()
-        } else {
-            format!("{}{}", self.base, path_or_location)
+    /// An absolute URL for a path under the registry (one we built).
+    pub(crate) fn url(&self, path: &str) -> String {
+        format!("{}{}", self.base, path)
+    }
+
+    /// A URL the registry sent (`Location`, `Link`), resolved against its origin. One on
+    /// another origin (scheme, host, port) is refused: requests to it would carry the
+    /// registry's credentials somewhere else, and following it without them would fail the
+    /// same way later, with a less clear message.
+    pub(crate) fn resolve(&self, what: &str, location: &str) -> Result<String> {
+        let bad = |detail: String| RegistryError::BadLocation {
+            what: what.to_string(),
+            detail,
+        };
+        let base = url::Url::parse(&self.base).map_err(|e| bad(e.to_string()))?;
+        let url = base
+            .join(location)
+            .map_err(|e| bad(format!("{:?} is not a URL: {e}", shorten(location))))?;
+        if !same_origin(&base, &url) {
+            return Err(bad(format!(
+                "the registry pointed to another origin ({}), which is refused so that credentials stay with {}",
+                origin(&url),
+                origin(&base)
+            )));
         }
+        Ok(url.to_string())
+    }
+
+    fn is_own(&self, url: &reqwest::Url) -> bool {
+        url::Url::parse(&self.base).is_ok_and(|b| same_origin(&b, url))
     }
 
     /// Sends a request built by `make`, authenticating as the registry demands. `make` is called
@@ -180,6 +227,17 @@ impl Transport {
         let resp = self.dispatch(what, make(), header.as_deref()).await?;
         if resp.status() != StatusCode::UNAUTHORIZED {
             return Ok(resp);
+        }
+        if !self.is_own(resp.url()) {
+            // A redirect target's challenge is not the registry's: learning it would send the
+            // registry's credentials to whatever realm a third party names.
+            return Err(RegistryError::AuthFailed {
+                what: what.to_string(),
+                detail: format!(
+                    "{} (a redirect target, not the registry) demanded credentials; none are sent there",
+                    origin(resp.url())
+                ),
+            });
         }
         let challenge = resp
             .headers()
@@ -253,13 +311,41 @@ impl Transport {
                 }
                 // Holding the lock while fetching keeps concurrent requests from stampeding
                 // the token endpoint for the same scope.
+                self.check_realm(what, &realm)?;
                 let token = self
                     .fetch_token(what, &realm, service.as_deref(), access)
                     .await?;
                 let header = format!("Bearer {}", token.value);
+                state.tokens.retain(|_, t| t.is_fresh());
+                if state.tokens.len() >= MAX_TOKENS {
+                    state.tokens.clear();
+                }
                 state.tokens.insert(access.clone(), token);
                 Ok(Some(header))
             }
+        }
+    }
+
+    /// The realm gets the credentials: it must be a URL, and not plain HTTP when the registry
+    /// itself is reached over HTTPS.
+    fn check_realm(&self, what: &str, realm: &str) -> Result<()> {
+        let refused = |detail: String| RegistryError::AuthFailed {
+            what: what.to_string(),
+            detail,
+        };
+        let url = url::Url::parse(realm).map_err(|e| {
+            refused(format!(
+                "the token realm {:?} is not a URL: {e}",
+                shorten(realm)
+            ))
+        })?;
+        match url.scheme() {
+            "https" => Ok(()),
+            "http" if self.base.starts_with("http://") => Ok(()),
+            scheme => Err(refused(format!(
+                "the token realm {} uses {scheme}:// for an https registry; credentials are not sent there",
+                origin(&url)
+            ))),
         }
     }
 
@@ -295,12 +381,18 @@ impl Transport {
             });
         }
         let resp = check(realm, resp).await?;
-        let body: TokenResponse = resp.json().await.map_err(|e| RegistryError::AuthFailed {
+        let bad = |detail: String| RegistryError::AuthFailed {
             what: what.to_string(),
             detail: format!(
-                "the token service {realm} answered something that is not a token: {e}"
+                "the token service {realm} answered something that is not a token: {detail}"
             ),
-        })?;
+        };
+        let body = match read_capped(resp, MAX_TOKEN_BODY).await {
+            Ok(Capped::Whole(b)) => b,
+            Ok(Capped::Cut(_)) => return Err(bad(format!("over {MAX_TOKEN_BODY} bytes"))),
+            Err(e) => return Err(RegistryError::transport(realm, &e)),
+        };
+        let body = TokenResponse::parse(&body).map_err(bad)?;
         Token::from_response(body).ok_or_else(|| RegistryError::AuthFailed {
             what: what.to_string(),
             detail: format!("the token service {realm} answered without a token"),
@@ -331,22 +423,80 @@ pub(crate) async fn check(what: &str, resp: Response) -> Result<Response> {
     })
 }
 
-/// `Retry-After` in seconds (the HTTP-date form is rare on registries and is ignored).
+/// `Retry-After` from the headers (see [`parse_retry_after`]).
 pub(crate) fn retry_after(headers: &HeaderMap) -> Option<Duration> {
-    headers
-        .get(RETRY_AFTER)?
-        .to_str()
-        .ok()?
-        .trim()
-        .parse::<u64>()
-        .ok()
-        .map(Duration::from_secs)
+    parse_retry_after(
+        headers.get(RETRY_AFTER)?.to_str().ok()?,
+        std::time::SystemTime::now(),
+    )
+}
+
+/// `Retry-After` as delay-seconds or an HTTP-date (a date in the past is no wait). Callers cap
+/// the result; anything unreadable is `None`.
+pub fn parse_retry_after(value: &str, now: std::time::SystemTime) -> Option<Duration> {
+    let value = value.trim();
+    if let Ok(secs) = value.parse::<u64>() {
+        return Some(Duration::from_secs(secs));
+    }
+    let at = httpdate::parse_http_date(value).ok()?;
+    Some(at.duration_since(now).unwrap_or_default())
+}
+
+/// What [`read_capped`] read.
+pub(crate) enum Capped {
+    /// The whole body.
+    Whole(Bytes),
+    /// The first `cap` bytes of a longer body; the rest was not read.
+    Cut(Bytes),
+}
+
+/// Reads a body up to `cap` bytes; a longer one is cut there (and its connection dropped), so
+/// no answer can make us hold more than `cap`.
+pub(crate) async fn read_capped(
+    mut resp: Response,
+    cap: usize,
+) -> std::result::Result<Capped, reqwest::Error> {
+    let mut body = BytesMut::new();
+    while let Some(chunk) = resp.chunk().await? {
+        let room = cap - body.len();
+        if chunk.len() > room {
+            body.extend_from_slice(&chunk[..room]);
+            return Ok(Capped::Cut(body.freeze()));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(Capped::Whole(body.freeze()))
+}
+
+/// Scheme, host and port (the default port made explicit) are the same.
+fn same_origin(a: &url::Url, b: &url::Url) -> bool {
+    a.scheme() == b.scheme()
+        && a.host_str() == b.host_str()
+        && a.port_or_known_default() == b.port_or_known_default()
+}
+
+/// `scheme://host:port` of a URL, for messages: no path or query, which may carry signatures.
+fn origin(url: &url::Url) -> String {
+    format!(
+        "{}://{}:{}",
+        url.scheme(),
+        url.host_str().unwrap_or(""),
+        url.port_or_known_default().unwrap_or(0)
+    )
+}
+
+/// At most 100 characters of a remote string, for messages.
+fn shorten(s: &str) -> String {
+    s.chars().take(100).collect()
 }
 
 /// The registry's error message, from the distribution error JSON when there is one.
 async fn error_detail(resp: Response) -> String {
-    let body = resp.bytes().await.unwrap_or_default();
-    let body = &body[..body.len().min(4096)];
+    let body = match read_capped(resp, MAX_ERROR_BODY).await {
+        Ok(Capped::Whole(b) | Capped::Cut(b)) => b,
+        Err(_) => Bytes::new(),
+    };
+    let body = &body[..];
     #[derive(serde::Deserialize)]
     struct Errors {
         errors: Vec<ErrorEntry>,
@@ -373,5 +523,76 @@ async fn error_detail(resp: Response) -> String {
         "(no message)".into()
     } else {
         text.chars().take(300).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn transport(plain: bool) -> Transport {
+        let options = RegistryOptions {
+            plain_http: plain,
+            ..RegistryOptions::default()
+        };
+        Transport::new("r.example:5000", &options, None).unwrap()
+    }
+
+    #[test]
+    fn locations_stay_on_the_registry_origin() {
+        let t = transport(false);
+        assert_eq!(
+            t.resolve("w", "/v2/a/blobs/uploads/x?_state=s").unwrap(),
+            "https://r.example:5000/v2/a/blobs/uploads/x?_state=s"
+        );
+        assert_eq!(
+            t.resolve("w", "https://r.example:5000/v2/a/tags/list?last=b")
+                .unwrap(),
+            "https://r.example:5000/v2/a/tags/list?last=b"
+        );
+        for foreign in [
+            "https://r.example:5001/v2/a/blobs/uploads/x",
+            "http://r.example:5000/v2/a/blobs/uploads/x",
+            "https://evil.example:5000/x",
+            "//evil.example/x",
+        ] {
+            let err = t.resolve("upload of a", foreign).unwrap_err();
+            assert_eq!(err.reason(), "BadLocation", "{foreign}");
+            assert!(err.to_string().contains("upload of a"), "{err}");
+        }
+    }
+
+    #[test]
+    fn realms_must_not_downgrade() {
+        let t = transport(false);
+        assert!(t.check_realm("w", "https://auth.example/token").is_ok());
+        for bad in ["http://auth.example/token", "ftp://x/", "not a url"] {
+            let err = t.check_realm("w", bad).unwrap_err();
+            assert_eq!(err.reason(), "AuthFailed", "{bad}");
+        }
+        assert!(
+            transport(true)
+                .check_realm("w", "http://auth.example/token")
+                .is_ok()
+        );
+    }
+
+    #[test]
+    fn retry_after_reads_seconds_and_dates() {
+        let now = std::time::UNIX_EPOCH + Duration::from_secs(1_445_412_480);
+        assert_eq!(parse_retry_after("3", now), Some(Duration::from_secs(3)));
+        assert_eq!(
+            parse_retry_after("Wed, 21 Oct 2015 07:28:10 GMT", now),
+            Some(Duration::from_secs(10))
+        );
+        assert_eq!(
+            parse_retry_after("Wed, 21 Oct 2015 07:27:00 GMT", now),
+            Some(Duration::ZERO)
+        );
+        assert_eq!(
+            parse_retry_after("18446744073709551615", now),
+            Some(Duration::from_secs(u64::MAX))
+        );
+        assert_eq!(parse_retry_after("soon", now), None);
     }
 }

@@ -18,16 +18,18 @@ pub enum MountOutcome {
 
 impl RegistryClient {
     fn location(&self, what: &str, resp: &reqwest::Response) -> Result<String> {
-        resp.headers()
+        let location = resp
+            .headers()
             .get(LOCATION)
             .and_then(|v| v.to_str().ok())
-            .map(|l| self.t.url(l))
-            .ok_or_else(|| RegistryError::Status {
+            .ok_or_else(|| RegistryError::BadLocation {
                 what: what.to_string(),
-                status: resp.status().as_u16(),
-                detail: "upload answer without a Location header".into(),
-                retry_after: None,
-            })
+                detail: format!(
+                    "HTTP {} upload answer without a readable Location header",
+                    resp.status().as_u16()
+                ),
+            })?;
+        self.t.resolve(what, location)
     }
 
     /// Opens an upload session; returns its location.
@@ -114,7 +116,7 @@ impl RegistryClient {
     ) -> Result<String> {
         let what = format!("{}/{repo} (upload chunk at {offset})", self.t.host);
         let mut body = Some(reqwest::Body::wrap_stream(body));
-        let end = (offset + len).saturating_sub(1);
+        let end = offset.saturating_add(len).saturating_sub(1);
         let resp = self
             .t
             .send(&what, &Access::Push(repo.into()), || {
@@ -188,13 +190,14 @@ impl RegistryClient {
 
 /// Bytes a session holds, from its `Range: 0-<last byte>` header. Distribution answers `0-0`
 /// for an empty session (it cannot tell one byte from none), which is read as 0: an empty
-/// session is what a client meets, one holding a single byte is not. Anything unreadable is 0.
-fn held_bytes(range: &str) -> u64 {
+/// session is what a client meets, one holding a single byte is not. Anything unreadable is 0
+/// (start over), and so is a last byte of `u64::MAX`, which no session can hold.
+pub fn held_bytes(range: &str) -> u64 {
     let range = range.trim().trim_start_matches("bytes=");
     match range.split_once('-') {
         Some((_, end)) => match end.trim().parse::<u64>() {
             Ok(0) | Err(_) => 0,
-            Ok(last) => last + 1,
+            Ok(last) => last.checked_add(1).unwrap_or(0),
         },
         None => 0,
     }
@@ -202,11 +205,9 @@ fn held_bytes(range: &str) -> u64 {
 
 /// The session location with `digest=` added to its query.
 fn with_digest(location: &str, digest: &str, what: &str) -> Result<String> {
-    let mut url = url::Url::parse(location).map_err(|e| RegistryError::Status {
+    let mut url = url::Url::parse(location).map_err(|e| RegistryError::BadLocation {
         what: what.to_string(),
-        status: 202,
-        detail: format!("upload location {location:?} is not a URL: {e}"),
-        retry_after: None,
+        detail: format!("upload location is not a URL: {e}"),
     })?;
     url.query_pairs_mut().append_pair("digest", digest);
     Ok(url.to_string())
@@ -223,5 +224,7 @@ mod tests {
         assert_eq!(held_bytes("bytes=0-8388607"), 8 * 1024 * 1024);
         assert_eq!(held_bytes("0--1"), 0);
         assert_eq!(held_bytes("garbage"), 0);
+        assert_eq!(held_bytes("0-18446744073709551615"), 0);
+        assert_eq!(held_bytes("0-18446744073709551614"), u64::MAX);
     }
 }

@@ -11,9 +11,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use futures_util::StreamExt;
 use tokio::sync::{Mutex, watch};
 
-use super::chunked;
 use super::verify::{FailureSlot, Verify};
 use super::{BlobOutcome, BlobRequest, BlobState, Engine};
+use super::{chunked, watchdog};
 use crate::registry::digest::Hasher;
 use crate::registry::{BlobStream, MountOutcome, Registry, RegistryError};
 
@@ -43,9 +43,6 @@ pub(super) async fn run(
             Err(_) => {}
         }
     }
-    let _permits = engine
-        .permits(req.source.host(), req.destination.host(), req.size)
-        .await;
     // Outlives the attempts, so a chunked upload can continue in the next one; dropped with
     // this future when the transfer is aborted, which cancels the session.
     let session = Mutex::new(Session::new(req.destination.clone(), &req.destination_repo));
@@ -55,11 +52,23 @@ pub(super) async fn run(
         && mount_from.is_none()
         && chunk.is_none()
         && req.size <= engine.config().blind_upload_max;
+    let what = format!("blob {}", req.digest);
     let result = engine
         .config()
         .retry
         .run(
-            |n| attempt(req, mount_from, chunk, blind && n == 1, &session, &sent, tx),
+            |n| {
+                let (session, sent, what) = (&session, &sent, &what);
+                async move {
+                    // Permits are held per attempt, so backoff sleeps and rate-limit waits
+                    // between attempts leave the slots to others.
+                    let _permits = engine
+                        .permits(req.source.host(), req.destination.host(), req.size)
+                        .await;
+                    let work = attempt(req, mount_from, chunk, blind && n == 1, session, sent, tx);
+                    watchdog::guard(engine.config().stall, what, sent, tx, work).await
+                }
+            },
             |attempt, delay, err| {
                 tracing::debug!(digest = %req.digest, attempt, ?delay, error = %err, "blob transfer failed, retrying");
                 tx.send_replace(BlobState::Retrying {

@@ -13,6 +13,7 @@ mod progress;
 mod ratelimit;
 mod retry;
 mod verify;
+mod watchdog;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, Weak};
@@ -26,6 +27,7 @@ pub use progress::{BlobOutcome, BlobProgress, BlobState, ProgressSink, no_progre
 pub use ratelimit::{RateLimit, RateLimited};
 pub use retry::RetryPolicy;
 pub use verify::{FailureSlot, Verify};
+pub use watchdog::StallWatchdog;
 
 /// Limits and policies of the engine. One engine serves every mirror in the process.
 #[derive(Clone, Debug)]
@@ -55,6 +57,9 @@ pub struct EngineConfig {
     /// registries that charge per request, a wasted re-upload of a small blob that was there
     /// after all costs less than a HEAD for every one that was not. Default 1 MiB; 0 always asks.
     pub blind_upload_max: u64,
+    /// Abandons (and retries) a transfer attempt whose bytes stop moving; `None` disables.
+    /// Default: under 1 KiB in 60 s.
+    pub stall: Option<StallWatchdog>,
 }
 
 /// Smallest chunk the engine sends: below it the per-request cost dominates.
@@ -88,6 +93,7 @@ impl Default for EngineConfig {
             chunk_size: 16 * 1024 * 1024,
             rate_limit: None,
             blind_upload_max: 1024 * 1024,
+            stall: Some(StallWatchdog::default()),
         }
     }
 }
@@ -139,6 +145,25 @@ struct Book {
     known: HashSet<Key>,
     /// A repository per (registry, digest) known to hold it, to mount from.
     holder: HashMap<(String, String), String>,
+    /// `in_flight` and `by_digest` are swept of dead entries (transfers aborted before they
+    /// could remove themselves) when they reach this size.
+    sweep_at: usize,
+}
+
+/// Smallest size at which the in-flight maps are swept.
+const SWEEP_MIN: usize = 1024;
+
+impl Book {
+    /// Drops entries of transfers that no longer exist, when the maps have grown enough for it
+    /// to be worth a pass; the threshold follows the live count, so sweeps stay amortised.
+    fn sweep(&mut self) {
+        if self.in_flight.len() + self.by_digest.len() < self.sweep_at.max(SWEEP_MIN) {
+            return;
+        }
+        self.in_flight.retain(|_, w| w.strong_count() > 0);
+        self.by_digest.retain(|_, w| w.strong_count() > 0);
+        self.sweep_at = 2 * (self.in_flight.len() + self.by_digest.len());
+    }
 }
 
 /// Bound on the remembered digests so a long-running controller's memory stays flat.
@@ -251,10 +276,33 @@ impl Engine {
         if st.known.len() >= KNOWN_LIMIT {
             st.known.clear();
         }
+        if st.holder.len() >= KNOWN_LIMIT {
+            st.holder.clear();
+        }
         st.known
             .insert((host.to_string(), repo.to_string(), digest.to_string()));
         st.holder
             .insert((host.to_string(), digest.to_string()), repo.to_string());
+    }
+
+    /// Forgets every digest believed present in `repo` of `host`: the registry said one of
+    /// them is not there (deleted and garbage-collected, say), so all are asked again.
+    pub fn forget_present(&self, host: &str, repo: &str) {
+        let mut st = self.lock();
+        st.known.retain(|(h, r, _)| !(h == host && r == repo));
+        st.holder.retain(|(h, _), r| !(h == host && r == repo));
+    }
+
+    /// Entries of the engine's maps, for tests that check they stay bounded: (in flight,
+    /// in flight by digest, known present, mount holders).
+    pub fn book_sizes(&self) -> (usize, usize, usize, usize) {
+        let st = self.lock();
+        (
+            st.in_flight.len(),
+            st.by_digest.len(),
+            st.known.len(),
+            st.holder.len(),
+        )
     }
 
     /// Makes one blob present at the destination: skipped when known or present, mounted
@@ -307,6 +355,7 @@ impl Engine {
                         ..req.clone()
                     };
                     let t = self.spawn(paced, key.clone(), sibling, holder);
+                    st.sweep();
                     st.in_flight.insert(key.clone(), Arc::downgrade(&t));
                     st.by_digest.insert(digest_key, Arc::downgrade(&t));
                     t
@@ -366,14 +415,13 @@ impl Engine {
         }
     }
 
-    /// Permits for a transfer of `size` bytes between two registries: global first, then per
-    /// registry in name order, so two transfers never wait on each other's registry permit.
+    /// Permits for a transfer of `size` bytes between two registries: per registry in name
+    /// order first (so two transfers never wait on each other's registry permit), then the
+    /// global one, so a queue on one busy registry holds no global slot an idle registry
+    /// could use.
     async fn permits(&self, a: &str, b: &str, size: u64) -> Permits {
         let n = units(size);
         let mut held = Vec::new();
-        if let Ok(p) = self.inner.global.clone().acquire_many_owned(n).await {
-            held.push(p);
-        }
         let mut hosts = vec![a.to_string(), b.to_string()];
         hosts.sort();
         hosts.dedup();
@@ -385,6 +433,9 @@ impl Engine {
             {
                 held.push(p);
             }
+        }
+        if let Ok(p) = self.inner.global.clone().acquire_many_owned(n).await {
+            held.push(p);
         }
         Permits { _held: held }
     }

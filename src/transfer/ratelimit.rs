@@ -22,6 +22,12 @@ pub struct RateLimit {
     pub burst: u32,
 }
 
+/// The pause after a 429 that does not say how long to wait.
+const DEFAULT_PAUSE: Duration = Duration::from_secs(1);
+
+/// Longest gap pacing puts between two requests to one host.
+const MAX_INTERVAL: Duration = Duration::from_secs(3600);
+
 /// A token bucket for one host, kept as the time the next request is due ("virtual scheduling":
 /// each request reserves the next free slot under the lock, so waiters go in order and do not
 /// wake together).
@@ -47,11 +53,21 @@ impl Bucket {
     /// A bucket for `limit` (`None`: no pacing, only pauses), pausing at most `max_pause`.
     pub(crate) fn new(limit: Option<RateLimit>, max_pause: Duration) -> Self {
         let limit = limit.filter(|l| l.per_second > 0.0 && l.per_second.is_finite());
-        let interval = limit.map(|l| Duration::from_secs_f64(1.0 / l.per_second));
+        // Clamped, so absurd rates (1e-20/s) cannot overflow a Duration: at least one request
+        // per MAX_INTERVAL.
+        let interval = limit.map(|l| {
+            Duration::try_from_secs_f64(1.0 / l.per_second)
+                .unwrap_or(MAX_INTERVAL)
+                .min(MAX_INTERVAL)
+        });
         let burst = limit.map_or(1, |l| l.burst.max(1));
         Bucket {
             interval,
-            tolerance: interval.unwrap_or_default() * (burst - 1),
+            tolerance: interval
+                .unwrap_or_default()
+                .checked_mul(burst - 1)
+                .unwrap_or(MAX_INTERVAL)
+                .min(MAX_INTERVAL),
             max_pause,
             state: Mutex::new(Slots {
                 due: Instant::now(),
@@ -124,17 +140,27 @@ impl<R: Registry + ?Sized> RateLimited<R> {
         async move {
             self.bucket.acquire().await;
             let result = request.await;
-            if let Err(RegistryError::RateLimited {
-                retry_after: Some(delay),
-                ..
-            }) = &result
-            {
+            // Every request to the host waits out one pause, instead of each collecting its
+            // own 429: a 429 pauses for its Retry-After (else a second), a 503 only when it
+            // says for how long.
+            let pause = match &result {
+                Err(RegistryError::RateLimited { retry_after, .. }) => {
+                    Some(retry_after.unwrap_or(DEFAULT_PAUSE))
+                }
+                Err(RegistryError::Status {
+                    status: 503,
+                    retry_after: Some(delay),
+                    ..
+                }) => Some(*delay),
+                _ => None,
+            };
+            if let Some(delay) = pause {
                 tracing::debug!(
                     host = self.inner.host(),
                     ?delay,
                     "registry asked to slow down"
                 );
-                self.bucket.pause(*delay);
+                self.bucket.pause(delay);
             }
             result
         }

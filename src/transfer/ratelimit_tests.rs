@@ -225,7 +225,7 @@ async fn a_429_with_retry_after_pauses_every_client_of_the_host() {
 }
 
 #[tokio::test(start_paused = true)]
-async fn a_429_without_retry_after_leaves_pacing_to_the_retry_policy() {
+async fn a_429_without_retry_after_pauses_the_host_for_a_second() {
     let bucket = Arc::new(Bucket::new(None, Duration::from_secs(30)));
     let fake = Arc::new(Fake {
         retry_after: None,
@@ -235,7 +235,11 @@ async fn a_429_without_retry_after_leaves_pacing_to_the_retry_policy() {
     let start = Instant::now();
     assert!(a.blob_size("limited", "sha256:aa").await.is_err());
     assert_eq!(a.blob_size("other", "sha256:bb").await.unwrap(), Some(1));
-    assert_eq!(ms(start), 0);
+    assert_eq!(
+        ms(start),
+        1000,
+        "one shared pause, as for a Retry-After of 1"
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -251,4 +255,15 @@ async fn the_wrapper_paces_every_request() {
         a.blob_size("other", "sha256:bb").await.unwrap();
     }
     assert_eq!(ms(start), 2000);
+}
+
+#[tokio::test(start_paused = true)]
+async fn absurd_rates_do_not_overflow() {
+    for rate in [1e-20, f64::MIN_POSITIVE, 1e300] {
+        let bucket = Bucket::new(limit(rate, u32::MAX), Duration::from_secs(30));
+        bucket.pause(Duration::MAX);
+        tokio::time::timeout(Duration::from_secs(7200), bucket.acquire())
+            .await
+            .unwrap();
+    }
 }

@@ -7,15 +7,25 @@ use rand::Rng;
 
 use crate::registry::RegistryError;
 
-/// How often and how patiently to retry. Defaults: 5 attempts, 500 ms base, 30 s cap.
+/// How often and how patiently to retry. Defaults: 5 attempts, 500 ms base, 30 s cap, 10 min
+/// of waiting out rate limits, 2 re-fetches after a digest mismatch.
 #[derive(Clone, Debug)]
 pub struct RetryPolicy {
-    /// Attempts in all, including the first. Default 5.
+    /// Attempts in all, including the first, for errors that may be transient (connection
+    /// resets, 5xx other than 503, 408). Default 5.
     pub max_attempts: u32,
     /// Backoff before the second attempt (doubled each time, then jittered). Default 500 ms.
     pub base_delay: Duration,
     /// Upper bound of any one backoff, also for `Retry-After`. Default 30 s.
     pub max_delay: Duration,
+    /// `429` and `503` are flow control, not failures: they never use up `max_attempts`, and
+    /// are waited out (for `Retry-After`, else a backoff) until this much time has passed
+    /// since the operation (one blob transfer, one manifest or tag-list request) began.
+    /// Default 10 min.
+    pub throttle_deadline: Duration,
+    /// Times content that did not match its digest is fetched again before the error stands:
+    /// a byte flipped in transit should cost a re-fetch, not the tag. Default 2.
+    pub digest_refetches: u32,
 }
 
 impl Default for RetryPolicy {
@@ -24,7 +34,33 @@ impl Default for RetryPolicy {
             max_attempts: 5,
             base_delay: Duration::from_millis(500),
             max_delay: Duration::from_secs(30),
+            throttle_deadline: Duration::from_secs(600),
+            digest_refetches: 2,
         }
+    }
+}
+
+/// How the policy treats an error.
+#[derive(Debug, PartialEq, Eq)]
+enum Kind {
+    /// `429`, `503`: wait and ask again, without counting an attempt.
+    Throttled,
+    /// The content lied: fetch it again, a bounded number of times.
+    Corrupt,
+    /// May improve: counts an attempt.
+    Transient,
+    /// Cannot improve.
+    Final,
+}
+
+fn kind(e: &RegistryError) -> Kind {
+    match e {
+        RegistryError::RateLimited { .. } | RegistryError::Status { status: 503, .. } => {
+            Kind::Throttled
+        }
+        RegistryError::DigestMismatch { .. } => Kind::Corrupt,
+        e if e.is_retryable() => Kind::Transient,
+        _ => Kind::Final,
     }
 }
 
@@ -44,8 +80,12 @@ impl RetryPolicy {
         Duration::from_millis(rand::rng().random_range(0..=millis))
     }
 
-    /// Runs `op` until it succeeds, fails with an error that cannot improve, or attempts run
-    /// out. `on_retry(attempt, delay, error)` is told before each wait.
+    /// Runs `op` until it succeeds, fails with an error that cannot improve, or its budget
+    /// runs out: `max_attempts` for transient errors, `digest_refetches` more tries for
+    /// content that did not verify, `throttle_deadline` for `429`/`503`. `op` is given the
+    /// attempt number (from 1; every try counts, so a first-attempt shortcut is taken once).
+    /// `on_retry(attempt, delay, error)` is told before each wait; the wait holds nothing the
+    /// caller does not hold across `op`.
     pub async fn run<T, F, Fut>(
         &self,
         mut op: F,
@@ -55,18 +95,37 @@ impl RetryPolicy {
         F: FnMut(u32) -> Fut,
         Fut: Future<Output = Result<T, RegistryError>>,
     {
-        let mut attempt = 1;
+        let started = tokio::time::Instant::now();
+        let (mut tries, mut failures, mut throttled, mut refetches) = (1u32, 1u32, 0u32, 0u32);
         loop {
-            match op(attempt).await {
+            let e = match op(tries).await {
                 Ok(v) => return Ok(v),
-                Err(e) if e.is_retryable() && attempt < self.max_attempts.max(1) => {
-                    let delay = self.delay(attempt, e.retry_after());
-                    on_retry(attempt, delay, &e);
-                    tokio::time::sleep(delay).await;
-                    attempt += 1;
+                Err(e) => e,
+            };
+            let delay = match kind(&e) {
+                Kind::Throttled => {
+                    let left = self.throttle_deadline.saturating_sub(started.elapsed());
+                    if left.is_zero() {
+                        return Err(e);
+                    }
+                    throttled = throttled.saturating_add(1);
+                    self.delay(throttled, e.retry_after()).min(left)
                 }
-                Err(e) => return Err(e),
-            }
+                Kind::Corrupt if refetches < self.digest_refetches => {
+                    refetches += 1;
+                    tracing::warn!(error = %e, refetch = refetches, "content did not verify; fetching it again");
+                    Duration::ZERO
+                }
+                Kind::Transient if failures < self.max_attempts.max(1) => {
+                    let d = self.delay(failures, e.retry_after());
+                    failures += 1;
+                    d
+                }
+                _ => return Err(e),
+            };
+            on_retry(tries, delay, &e);
+            tokio::time::sleep(delay).await;
+            tries = tries.saturating_add(1);
         }
     }
 }
@@ -80,6 +139,7 @@ mod tests {
             max_attempts: 4,
             base_delay: Duration::from_millis(1),
             max_delay: Duration::from_millis(8),
+            ..RetryPolicy::default()
         }
     }
 
@@ -89,6 +149,7 @@ mod tests {
             max_attempts: 5,
             base_delay: Duration::from_millis(100),
             max_delay: Duration::from_millis(1000),
+            ..RetryPolicy::default()
         };
         for attempt in 1..8 {
             let bound = (100u64 << (attempt - 1)).min(1000);
@@ -166,5 +227,74 @@ mod tests {
             .await;
         assert_eq!(out.unwrap_err().reason(), "NetworkError");
         assert_eq!(calls, 4);
+    }
+
+    fn throttled() -> RegistryError {
+        RegistryError::RateLimited {
+            what: "x".into(),
+            retry_after: Some(Duration::from_secs(1)),
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn rate_limits_do_not_use_up_attempts_until_the_deadline() {
+        let p = RetryPolicy {
+            throttle_deadline: Duration::from_secs(60),
+            ..policy()
+        };
+        // 20 throttled answers, far more than the 4 attempts, then success.
+        let mut calls = 0;
+        let out = p
+            .run(
+                |n| {
+                    calls += 1;
+                    async move { if n <= 20 { Err(throttled()) } else { Ok(n) } }
+                },
+                |_, _, _| {},
+            )
+            .await;
+        assert_eq!(out.unwrap(), 21);
+        // Forever throttled: gives up once the deadline passed, not before.
+        let start = tokio::time::Instant::now();
+        let out: Result<(), _> = p.run(|_| async { Err(throttled()) }, |_, _, _| {}).await;
+        assert_eq!(out.unwrap_err().reason(), "RateLimited");
+        let waited = start.elapsed();
+        assert!(
+            waited >= Duration::from_secs(60) && waited < Duration::from_secs(62),
+            "{waited:?}"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_digest_mismatch_is_fetched_again_twice() {
+        let mismatch = || RegistryError::DigestMismatch {
+            digest: "sha256:a".into(),
+            actual: "sha256:b".into(),
+            expected_size: 1,
+            actual_size: 1,
+        };
+        let mut calls = 0;
+        let out: Result<(), _> = policy()
+            .run(
+                |_| {
+                    calls += 1;
+                    let e = mismatch();
+                    async move { Err(e) }
+                },
+                |_, _, _| {},
+            )
+            .await;
+        assert_eq!(out.unwrap_err().reason(), "DigestMismatch");
+        assert_eq!(calls, 3);
+        let out = policy()
+            .run(
+                |n| {
+                    let e = mismatch();
+                    async move { if n < 3 { Err(e) } else { Ok(n) } }
+                },
+                |_, _, _| {},
+            )
+            .await;
+        assert_eq!(out.unwrap(), 3);
     }
 }
