@@ -3,6 +3,7 @@
 //! The doc comments on these types become the CRD's field descriptions, so they are written for
 //! the user reading `kubectl explain imagemirror.spec`.
 
+mod referrers;
 mod status;
 
 use kube::CustomResource;
@@ -10,6 +11,7 @@ use kube::KubeSchema;
 use kube::core::crd::CustomResourceExt;
 use serde::{Deserialize, Serialize};
 
+pub use referrers::ReferrersSpec;
 pub use status::{
     ImageMirrorStatus, Progress, Summary, TagState, TagStatus, condition_reasons, condition_types,
 };
@@ -73,6 +75,10 @@ pub struct ImageMirrorSpec {
     /// (the tag is reported as Failed with reason TagConflict). Default true.
     #[serde(default = "default_true")]
     pub overwrite: bool,
+    /// Signatures, attestations and SBOMs copied with the images (OCI 1.1 referrers and
+    /// cosign tags). Off by default.
+    #[serde(default, skip_serializing_if = "ReferrersSpec::is_default")]
+    pub referrers: ReferrersSpec,
     /// When true the controller does not sync this mirror. Default false.
     #[serde(default)]
     pub suspend: bool,

@@ -102,6 +102,11 @@ pub struct TagStatus {
     /// A readable explanation.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
+    /// With `spec.referrers.enabled`: the referrers (signatures, attestations, SBOMs, cosign
+    /// tags, referrers of referrers) the destination holds for this tag after the sync,
+    /// copied now or already there.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub referrers: Option<u32>,
 }
 
 /// State of one tag.

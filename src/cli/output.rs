@@ -28,6 +28,9 @@ struct Row {
     reason: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     message: Option<String>,
+    /// Referrers the destination holds for the item, with `spec.referrers.enabled`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    referrers: Option<u32>,
 }
 
 fn rows(outcomes: &[MirrorOutcome]) -> Vec<Row> {
@@ -42,6 +45,7 @@ fn rows(outcomes: &[MirrorOutcome]) -> Vec<Row> {
                 destination_digest: None,
                 reason: Some("MirrorFailed".into()),
                 message: Some(message.clone()),
+                referrers: None,
             }),
             Ok(report) => {
                 for p in &o.planned {
@@ -53,12 +57,14 @@ fn rows(outcomes: &[MirrorOutcome]) -> Vec<Row> {
                         destination_digest: None,
                         reason: None,
                         message: None,
+                        referrers: None,
                     });
                 }
                 for i in &report.items {
+                    let note = i.referrers.as_ref().and_then(|r| r.note.clone());
                     let (state, reason, message) = match &i.result {
-                        Ok(ItemOutcome::Copied) => ("Copied", None, None),
-                        Ok(ItemOutcome::UpToDate) => ("UpToDate", None, None),
+                        Ok(ItemOutcome::Copied) => ("Copied", None, note),
+                        Ok(ItemOutcome::UpToDate) => ("UpToDate", None, note),
                         Err(e) => ("Failed", Some(e.reason().to_string()), Some(e.to_string())),
                     };
                     rows.push(Row {
@@ -69,6 +75,7 @@ fn rows(outcomes: &[MirrorOutcome]) -> Vec<Row> {
                         destination_digest: i.destination_digest.clone(),
                         reason,
                         message,
+                        referrers: i.referrers.as_ref().map(|r| r.count),
                     });
                 }
             }

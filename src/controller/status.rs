@@ -287,9 +287,11 @@ fn tag_entries(report: &SyncReport) -> Vec<TagStatus> {
         .iter()
         .map(|i| {
             let (state, reason, message) = match &i.result {
-                Ok(ItemOutcome::Copied) | Ok(ItemOutcome::UpToDate) => {
-                    (TagState::Synced, None, None)
-                }
+                Ok(ItemOutcome::Copied) | Ok(ItemOutcome::UpToDate) => (
+                    TagState::Synced,
+                    None,
+                    i.referrers.as_ref().and_then(|r| r.note.clone()),
+                ),
                 Err(e) => (
                     TagState::Failed,
                     Some(e.reason().to_string()),
@@ -303,6 +305,7 @@ fn tag_entries(report: &SyncReport) -> Vec<TagStatus> {
                 state,
                 reason,
                 message,
+                referrers: i.referrers.as_ref().map(|r| r.count),
             }
         })
         .collect();
@@ -342,6 +345,7 @@ mod tests {
             source_digest: Some(format!("sha256:{name}")),
             destination_digest: result.is_ok().then(|| format!("sha256:{name}")),
             result,
+            referrers: None,
         }
     }
 

@@ -9,6 +9,7 @@ use futures_util::future::BoxFuture;
 use futures_util::{FutureExt, StreamExt, TryStreamExt};
 
 use super::plan::Item;
+use super::referrers::{self, ReferrerError, ReferrersOptions, ReferrersOutcome, Top};
 use crate::registry::manifest::is_index;
 use crate::registry::{Manifest, Parsed, Registry, RegistryError, Repository};
 use crate::transfer::{BlobOutcome, BlobProgress, BlobRequest, BlobState, Engine, ProgressSink};
@@ -47,6 +48,8 @@ pub struct MirrorJob {
     pub items: Vec<Item>,
     /// Items copied at once. Blobs are bounded by the engine's own limits.
     pub concurrency: usize,
+    /// Copy signatures, attestations and SBOMs too; `None`: not asked.
+    pub referrers: Option<ReferrersOptions>,
 }
 
 /// Why one item failed.
@@ -65,6 +68,9 @@ pub enum MirrorError {
     /// Indexes nested deeper than we follow.
     #[error("manifest {0} nests indexes more than {MAX_DEPTH} deep")]
     TooDeep(String),
+    /// A referrer (signature, attestation, SBOM) or the fallback index could not be copied.
+    #[error(transparent)]
+    Referrer(#[from] ReferrerError),
 }
 
 impl MirrorError {
@@ -74,6 +80,7 @@ impl MirrorError {
             MirrorError::Registry(e) => e.reason(),
             MirrorError::TagConflict { .. } => "TagConflict",
             MirrorError::TooDeep(_) => "ManifestInvalid",
+            MirrorError::Referrer(_) => "ReferrerFailed",
         }
     }
 }
@@ -98,6 +105,8 @@ pub struct ItemResult {
     pub destination_digest: Option<String>,
     /// Success or the reason for failure.
     pub result: Result<ItemOutcome, MirrorError>,
+    /// Referrers mirrored with the item, when asked for and the item itself succeeded.
+    pub referrers: Option<ReferrersOutcome>,
 }
 
 /// Blob and byte counters of one run, updated as blobs finish.
@@ -140,6 +149,7 @@ pub async fn run(
         destination,
         progress,
         counters,
+        referrers: referrers::JobState::default(),
     };
     let ctx = &ctx;
     // Owned items: a closure over borrowed ones is not general enough for the Send bound of
@@ -187,16 +197,18 @@ async fn destination_tags(
     }
 }
 
-struct Ctx<'a> {
-    engine: &'a Engine,
-    job: &'a MirrorJob,
+pub(super) struct Ctx<'a> {
+    pub(super) engine: &'a Engine,
+    pub(super) job: &'a MirrorJob,
     /// The job's endpoints, rate-limited, for manifest requests.
-    source: Endpoint,
-    destination: Endpoint,
+    pub(super) source: Endpoint,
+    pub(super) destination: Endpoint,
     /// See [`destination_tags`].
-    destination_tags: Option<HashSet<String>>,
+    pub(super) destination_tags: Option<HashSet<String>>,
     progress: ProgressSink,
     counters: Arc<Counters>,
+    /// What the referrers pass learnt during this job (see `referrers.rs`).
+    pub(super) referrers: referrers::JobState,
 }
 
 impl Ctx<'_> {
@@ -206,8 +218,10 @@ impl Ctx<'_> {
             source_digest: None,
             destination_digest: None,
             result: Ok(ItemOutcome::UpToDate),
+            referrers: None,
         };
-        out.result = self.copy_item_inner(item, &mut out).await;
+        let mut top = Top::default();
+        out.result = self.copy_item_inner(item, &mut out, &mut top).await;
         if let Err(MirrorError::Registry(e)) = &out.result
             && e.is_blob_unknown()
         {
@@ -218,7 +232,14 @@ impl Ctx<'_> {
             let dst = &self.job.destination;
             self.engine
                 .forget_present(dst.registry.host(), dst.repo.path());
-            out.result = self.copy_item_inner(item, &mut out).await;
+            top = Top::default();
+            out.result = self.copy_item_inner(item, &mut out, &mut top).await;
+        }
+        if out.result.is_ok() && self.job.referrers.is_some() {
+            match self.item_referrers(item, &out, top).await {
+                Ok(r) => out.referrers = Some(r),
+                Err(e) => out.result = Err(e),
+            }
         }
         if let Err(e) = &out.result {
             tracing::warn!(item = item.name(), reason = e.reason(), error = %e, "item failed");
@@ -230,6 +251,7 @@ impl Ctx<'_> {
         &self,
         item: &Item,
         out: &mut ItemResult,
+        top: &mut Top,
     ) -> Result<ItemOutcome, MirrorError> {
         let (src, dst) = (&self.source, &self.destination);
         let reference = item.name();
@@ -253,6 +275,7 @@ impl Ctx<'_> {
                 )
                 .await?
         };
+        top.media_type = dst_head.as_ref().and_then(|h| h.media_type.clone());
         let dst_digest = dst_head.and_then(|h| h.digest);
         let absent = dst_digest.is_none();
         let mut source_ref = reference;
@@ -284,10 +307,13 @@ impl Ctx<'_> {
             .await?;
         out.source_digest = Some(manifest.digest.clone());
         let manifest = if filtering && is_index(&manifest.media_type) {
+            top.filtered = true;
             manifest.filter_platforms(&format!("{}:{reference}", src.repo), &self.job.platforms)?
         } else {
             manifest
         };
+        top.media_type = Some(manifest.media_type.clone());
+        top.manifest = Some(manifest.clone());
         if dst_digest.as_deref() == Some(manifest.digest.as_str()) {
             out.destination_digest = dst_digest;
             return Ok(ItemOutcome::UpToDate);
@@ -319,7 +345,7 @@ impl Ctx<'_> {
 
     /// Makes everything `manifest` refers to present at the destination. `absent`: the
     /// destination lacked `manifest`, so its small blobs are uploaded without asking first.
-    fn copy_children<'a>(
+    pub(super) fn copy_children<'a>(
         &'a self,
         manifest: &'a Manifest,
         depth: usize,
@@ -400,7 +426,7 @@ impl Ctx<'_> {
         Ok(())
     }
 
-    async fn copy_blob(
+    pub(super) async fn copy_blob(
         &self,
         digest: String,
         size: u64,

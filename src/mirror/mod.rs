@@ -4,6 +4,7 @@
 mod clients;
 mod copy;
 pub mod plan;
+mod referrers;
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -12,6 +13,7 @@ use std::time::Duration;
 pub use clients::{ClientPool, EndpointAccess};
 pub use copy::{Counters, Endpoint, ItemOutcome, ItemResult, MirrorError, MirrorJob, run};
 pub use plan::{Item, Plan, PlanError};
+pub use referrers::{ReferrerError, ReferrersOptions, ReferrersOutcome};
 
 use crate::api::{ImageMirrorSpec, Progress};
 use crate::registry::manifest::ALL_TAG_PAGES;
@@ -158,7 +160,8 @@ pub async fn sync(
     progress: ProgressSink,
     counters: Arc<Counters>,
 ) -> Result<SyncReport, SyncError> {
-    let tags = if plan::needs_tag_list(&spec.tags) {
+    let listed = plan::needs_tag_list(&spec.tags);
+    let tags = if listed {
         let registry = engine.rate_limited(source.registry.clone());
         engine
             .config()
@@ -177,6 +180,8 @@ pub async fn sync(
         Vec::new()
     };
     let plan = plan::plan(spec, &tags)?;
+    // The referrers pass reads the source's fallback and cosign tags off this list.
+    let source_tags = listed.then(|| Arc::new(tags.into_iter().collect()));
     let job = MirrorJob {
         source,
         destination,
@@ -184,6 +189,7 @@ pub async fn sync(
         overwrite: spec.overwrite,
         items: plan.items,
         concurrency,
+        referrers: ReferrersOptions::from_spec(&spec.referrers, source_tags),
     };
     let items = run(engine, &job, progress, counters.clone()).await;
     Ok(SyncReport {

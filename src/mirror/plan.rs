@@ -230,6 +230,7 @@ mod tests {
             platforms: vec![],
             interval: "1h".into(),
             overwrite: true,
+            referrers: Default::default(),
             suspend: false,
         }
     }

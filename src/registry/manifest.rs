@@ -445,7 +445,7 @@ pub const MAX_TAGS: usize = 100_000;
 pub const ALL_TAG_PAGES: usize = 10_000;
 
 /// The target of `Link: <...>; rel="next"`.
-fn parse_next_link(link: &str) -> Option<String> {
+pub(super) fn parse_next_link(link: &str) -> Option<String> {
     link.split(',').find_map(|part| {
         let (target, params) = part.split_once(';')?;
         params.contains("rel=\"next\"").then(|| {

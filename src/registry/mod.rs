@@ -8,6 +8,7 @@ pub mod digest;
 mod error;
 pub mod manifest;
 pub mod reference;
+pub mod referrers;
 mod transport;
 mod upload;
 
@@ -20,6 +21,7 @@ pub use auth::{Credentials, DockerConfig};
 pub use error::{RegistryError, Result};
 pub use manifest::{Descriptor, Manifest, ManifestHead, Parsed, TagList};
 pub use reference::Repository;
+pub use referrers::{Referrer, ReferrerList};
 pub use transport::{HttpClients, RegistryOptions};
 pub use upload::MountOutcome;
 
@@ -107,6 +109,32 @@ pub trait Registry: Send + Sync {
     ) -> BoxFuture<'a, Result<()>>;
     /// Abandon a session (best effort).
     fn cancel_upload<'a>(&'a self, repo: &'a str, location: &'a str) -> BoxFuture<'a, ()>;
+    /// The referrers of `digest` by the OCI 1.1 referrers API, filtered by `artifact_type`
+    /// when the registry applies filters; `None` when the registry does not serve the API.
+    /// The default is a registry without the API.
+    fn referrers<'a>(
+        &'a self,
+        _repo: &'a str,
+        _digest: &'a str,
+        _artifact_type: Option<&'a str>,
+    ) -> BoxFuture<'a, Result<Option<ReferrerList>>> {
+        async { Ok(None) }.boxed()
+    }
+    /// PUT a manifest that names a `subject`; true when the registry answered `OCI-Subject`.
+    /// The default PUTs it plainly and reports no `OCI-Subject`.
+    fn put_manifest_with_subject<'a>(
+        &'a self,
+        repo: &'a str,
+        reference: &'a str,
+        manifest: &'a Manifest,
+    ) -> BoxFuture<'a, Result<bool>> {
+        async move {
+            self.put_manifest(repo, reference, manifest)
+                .await
+                .map(|()| false)
+        }
+        .boxed()
+    }
 }
 
 /// An HTTP client for one registry with its own TLS settings, credentials and token cache.
@@ -237,5 +265,21 @@ impl Registry for RegistryClient {
     }
     fn cancel_upload<'a>(&'a self, repo: &'a str, location: &'a str) -> BoxFuture<'a, ()> {
         RegistryClient::cancel_upload(self, repo, location).boxed()
+    }
+    fn referrers<'a>(
+        &'a self,
+        repo: &'a str,
+        digest: &'a str,
+        artifact_type: Option<&'a str>,
+    ) -> BoxFuture<'a, Result<Option<ReferrerList>>> {
+        RegistryClient::referrers(self, repo, digest, artifact_type).boxed()
+    }
+    fn put_manifest_with_subject<'a>(
+        &'a self,
+        repo: &'a str,
+        reference: &'a str,
+        manifest: &'a Manifest,
+    ) -> BoxFuture<'a, Result<bool>> {
+        RegistryClient::put_manifest_with_subject(self, repo, reference, manifest).boxed()
     }
 }

@@ -10,7 +10,8 @@ use futures_util::future::BoxFuture;
 use tokio::time::Instant;
 
 use crate::registry::{
-    BlobStream, Manifest, ManifestHead, MountOutcome, Registry, RegistryError, Result, TagList,
+    BlobStream, Manifest, ManifestHead, MountOutcome, ReferrerList, Registry, RegistryError,
+    Result, TagList,
 };
 
 /// A request rate for one registry host.
@@ -264,6 +265,25 @@ impl<R: Registry + ?Sized> Registry for RateLimited<R> {
             self.inner.cancel_upload(repo, location).await;
         }
         .boxed()
+    }
+    fn referrers<'a>(
+        &'a self,
+        repo: &'a str,
+        digest: &'a str,
+        artifact_type: Option<&'a str>,
+    ) -> BoxFuture<'a, Result<Option<ReferrerList>>> {
+        self.paced(self.inner.referrers(repo, digest, artifact_type))
+    }
+    fn put_manifest_with_subject<'a>(
+        &'a self,
+        repo: &'a str,
+        reference: &'a str,
+        manifest: &'a Manifest,
+    ) -> BoxFuture<'a, Result<bool>> {
+        self.paced(
+            self.inner
+                .put_manifest_with_subject(repo, reference, manifest),
+        )
     }
 }
 

@@ -8,5 +8,6 @@ mod crd;
 mod faults;
 mod kube_api;
 mod memory;
+mod referrers;
 mod resume;
 mod support;

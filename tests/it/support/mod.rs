@@ -1,5 +1,6 @@
 //! Shared harness: real registries, image seeding, running the binary.
 
+pub mod artifacts;
 pub mod cut;
 pub mod image;
 pub mod kube_api;

@@ -1,0 +1,842 @@
+//! The referrers pass: after an item is mirrored, copy what refers to its manifests
+//! (signatures, attestations, SBOMs), discovered by the OCI 1.1 referrers API, else the
+//! referrers tag schema (`sha256-<hex>`), plus cosign's `sha256-<hex>.sig/.att/.sbom` tags.
+//!
+//! Cheap when nothing changed: each side's tag list is read once per job and tells which
+//! fallback and cosign tags exist, and a registry that answered 404 on the referrers API is not
+//! asked again in the same job; so a subject with no referrers costs no request at all once the
+//! API's absence is known, and one with referrers costs one discovery request per side (plus
+//! one per cosign tag).
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, Ordering};
+
+use bytes::Bytes;
+use futures_util::FutureExt;
+use futures_util::future::BoxFuture;
+use tokio::sync::OnceCell;
+
+use super::copy::{Ctx, Endpoint, ItemResult, MirrorError};
+use super::plan::Item;
+use crate::api::ReferrersSpec;
+use crate::registry::digest::sha256_digest;
+use crate::registry::manifest::{OCI_INDEX, is_index};
+use crate::registry::referrers::{Referrer, fallback_tag, parse_referrers_index};
+use crate::registry::{Manifest, Parsed, RegistryError};
+
+/// Referrers of referrers are followed this many levels below the image (image → SBOM →
+/// signature on the SBOM is 2).
+pub const MAX_REFERRER_DEPTH: usize = 3;
+/// cosign's tag suffixes, on `sha256-<hex>`.
+const COSIGN_SUFFIXES: [&str; 3] = [".sig", ".att", ".sbom"];
+/// Pages (of 1000 tags) of a tag list read for the referrers pass; beyond that, each fallback
+/// and cosign tag is asked for instead.
+const TAG_PAGES: usize = 10;
+/// Config media types that say nothing about what an artifact is.
+const GENERIC_CONFIGS: [&str; 3] = [
+    "application/vnd.oci.image.config.v1+json",
+    "application/vnd.docker.container.image.v1+json",
+    "application/vnd.oci.empty.v1+json",
+];
+
+/// What the referrers pass of a job is asked to do.
+#[derive(Clone, Debug, Default)]
+pub struct ReferrersOptions {
+    /// Copy only these artifact types, at every level; empty: all.
+    pub artifact_types: Vec<String>,
+    /// The source's tags when the plan already listed them (saves a request).
+    pub source_tags: Option<Arc<HashSet<String>>>,
+}
+
+impl ReferrersOptions {
+    /// The options for `spec.referrers`; `None` when referrers are not enabled.
+    pub fn from_spec(
+        spec: &ReferrersSpec,
+        source_tags: Option<Arc<HashSet<String>>>,
+    ) -> Option<Self> {
+        spec.enabled.then(|| ReferrersOptions {
+            artifact_types: spec.artifact_types.clone(),
+            source_tags,
+        })
+    }
+
+    /// Whether a referrer of this artifact type is wanted.
+    pub fn wants(&self, artifact_type: Option<&str>) -> bool {
+        self.artifact_types.is_empty()
+            || artifact_type.is_some_and(|t| self.artifact_types.iter().any(|w| w == t))
+    }
+}
+
+/// What the referrers pass did for one item.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ReferrersOutcome {
+    /// Referrers the destination holds for the item after the sync (copied now or already
+    /// there), at every level, cosign tags included.
+    pub count: u32,
+    /// Something the user should know, e.g. that platform filtering left the source index's
+    /// signatures behind.
+    pub note: Option<String>,
+}
+
+/// Why a referrer could not be mirrored; fails the item.
+#[derive(Clone, Debug, thiserror::Error)]
+pub enum ReferrerError {
+    /// Copying one referrer failed.
+    #[error("referrer {digest} ({artifact_type}) of {subject}: {cause}")]
+    Copy {
+        digest: String,
+        artifact_type: String,
+        subject: String,
+        cause: Box<MirrorError>,
+    },
+    /// Copying a cosign tag failed.
+    #[error("cosign tag {tag} ({artifact_type}{digest}): {cause}")]
+    CosignTag {
+        tag: String,
+        artifact_type: String,
+        /// `, sha256:…` when known.
+        digest: String,
+        cause: Box<MirrorError>,
+    },
+    /// Listing the referrers of a manifest failed.
+    #[error("listing referrers of {subject}: {cause}")]
+    Discover {
+        subject: String,
+        cause: Box<MirrorError>,
+    },
+    /// Updating the destination's fallback index failed.
+    #[error("referrers index {tag} at the destination: {cause}")]
+    Index {
+        tag: String,
+        cause: Box<MirrorError>,
+    },
+}
+
+// 0: not known yet (the default).
+const SERVED: u8 = 1;
+const ABSENT: u8 = 2;
+
+/// What one job learnt about its registries, shared by its items.
+#[derive(Default)]
+pub(super) struct JobState {
+    /// Whether each side serves the referrers API.
+    source_api: AtomicU8,
+    destination_api: AtomicU8,
+    /// Each side's tags; `None` inside: not known (the list failed or was too long).
+    source_tags: OnceCell<Option<Arc<HashSet<String>>>>,
+    destination_tags: OnceCell<Option<Arc<HashSet<String>>>>,
+    /// Subjects already handled in this job, with their referrer counts.
+    done: std::sync::Mutex<HashMap<String, u32>>,
+}
+
+/// How the item's top manifest ended, for the referrers pass.
+#[derive(Default)]
+pub(super) struct Top {
+    /// Its media type, when known.
+    pub(super) media_type: Option<String>,
+    /// The manifest as written to the destination, when it was fetched.
+    pub(super) manifest: Option<Manifest>,
+    /// True when platforms were filtered out of the index.
+    pub(super) filtered: bool,
+}
+
+/// What the destination holds for one subject.
+struct DestinationReferrers {
+    /// It serves the referrers API.
+    api: bool,
+    /// Referrers it lists (API) or its fallback index lists.
+    listed: HashSet<String>,
+}
+
+/// The artifact type of a manifest as the referrers API reports it (`artifactType`, else the
+/// config's media type), except that a generic image config gives way to the first layer's
+/// media type: that is what tells a cosign signature
+/// (`application/vnd.dev.cosign.simplesigning.v1+json`) from an attestation.
+pub fn artifact_type_of(bytes: &[u8]) -> Option<String> {
+    let doc: serde_json::Value = serde_json::from_slice(bytes).ok()?;
+    let text = |v: &serde_json::Value| v.as_str().filter(|s| !s.is_empty()).map(str::to_string);
+    if let Some(t) = doc.get("artifactType").and_then(text) {
+        return Some(t);
+    }
+    let config = doc.pointer("/config/mediaType").and_then(text);
+    match config {
+        Some(c) if !GENERIC_CONFIGS.contains(&c.as_str()) => Some(c),
+        _ => doc.pointer("/layers/0/mediaType").and_then(text).or(config),
+    }
+}
+
+/// The fallback index after adding `new` entries to `existing` (kept verbatim, foreign
+/// referrers included); `None` when `existing` already lists them all.
+pub fn merge_fallback_index(
+    what: &str,
+    existing: Option<&[u8]>,
+    new: &[Referrer],
+) -> Result<Option<Manifest>, RegistryError> {
+    let mut doc: serde_json::Value = match existing {
+        Some(bytes) => {
+            // Refuse what we cannot read rather than overwrite someone's referrers.
+            parse_referrers_index(what, bytes)?;
+            serde_json::from_slice(bytes).map_err(|e| RegistryError::ManifestInvalid {
+                what: what.to_string(),
+                detail: e.to_string(),
+            })?
+        }
+        None => serde_json::json!({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": []}),
+    };
+    if doc.get("manifests").is_none() {
+        doc["manifests"] = serde_json::json!([]);
+    }
+    let Some(entries) = doc.get_mut("manifests").and_then(|m| m.as_array_mut()) else {
+        return Err(RegistryError::ManifestInvalid {
+            what: what.to_string(),
+            detail: "manifests is not a list".into(),
+        });
+    };
+    let listed: HashSet<String> = entries
+        .iter()
+        .filter_map(|e| e.get("digest")?.as_str().map(str::to_string))
+        .collect();
+    let mut added = HashSet::new();
+    for r in new {
+        if !listed.contains(&r.digest) && added.insert(r.digest.clone()) {
+            entries.push(r.raw.clone());
+        }
+    }
+    if added.is_empty() {
+        return Ok(None);
+    }
+    let bytes =
+        Bytes::from(
+            serde_json::to_vec(&doc).map_err(|e| RegistryError::ManifestInvalid {
+                what: what.to_string(),
+                detail: e.to_string(),
+            })?,
+        );
+    Ok(Some(Manifest {
+        media_type: OCI_INDEX.to_string(),
+        digest: sha256_digest(&bytes),
+        bytes,
+    }))
+}
+
+fn boxed(e: impl Into<MirrorError>) -> Box<MirrorError> {
+    Box::new(e.into())
+}
+
+impl Ctx<'_> {
+    /// The referrers pass for one item that was mirrored (copied or up to date).
+    pub(super) async fn item_referrers(
+        &self,
+        item: &Item,
+        out: &ItemResult,
+        top: Top,
+    ) -> Result<ReferrersOutcome, MirrorError> {
+        let Some(digest) = out.destination_digest.clone() else {
+            return Ok(ReferrersOutcome::default());
+        };
+        let mut subjects = Vec::new();
+        let mut note = None;
+        if top.filtered {
+            note = Some(format!(
+                "platforms filtered: the destination index {digest} is new, so referrers of the \
+                 source index {} (signatures on it) do not apply and were not copied; referrers \
+                 of the kept platforms' manifests were",
+                out.source_digest.as_deref().unwrap_or("?")
+            ));
+        } else {
+            subjects.push(digest.clone());
+        }
+        let index = match (top.manifest, top.media_type) {
+            (Some(m), _) => is_index(&m.media_type).then_some(m),
+            (None, Some(t)) if !is_index(&t) => None,
+            // Up to date by HEAD: the children of an index are read off the destination's copy
+            // (the same bytes; destination reads cost no source pull quota).
+            (None, _) => {
+                let dst = &self.destination;
+                let m = self
+                    .engine
+                    .config()
+                    .retry
+                    .run(
+                        |_| dst.registry.get_manifest(dst.repo.path(), &digest),
+                        |_, _, _| {},
+                    )
+                    .await?;
+                is_index(&m.media_type).then_some(m)
+            }
+        };
+        if let Some(index) = index {
+            let what = format!("{}:{}", self.destination.repo, item.name());
+            if let Parsed::Index { manifests } = index.parse(&what)? {
+                subjects.extend(manifests.into_iter().map(|d| d.digest));
+            }
+        }
+        let mut count = 0u32;
+        for s in subjects {
+            count = count.saturating_add(self.subject_referrers(s, 0, Vec::new()).await?);
+        }
+        Ok(ReferrersOutcome { count, note })
+    }
+
+    /// Mirrors the referrers of `subject` (and theirs, below `MAX_REFERRER_DEPTH`) and its
+    /// cosign tags; the number the destination holds.
+    fn subject_referrers(
+        &self,
+        subject: String,
+        depth: usize,
+        mut path: Vec<String>,
+    ) -> BoxFuture<'_, Result<u32, MirrorError>> {
+        async move {
+            let Some(opts) = &self.job.referrers else {
+                return Ok(0);
+            };
+            let dst = &self.destination;
+            // One at a time per subject and destination, in this process: two items (or two
+            // mirrors) sharing a manifest must not both rewrite its fallback index.
+            let _turn = self
+                .engine
+                .manifest_turn(
+                    dst.registry.host(),
+                    dst.repo.path(),
+                    &format!("referrers-of-{subject}"),
+                )
+                .await;
+            if let Some(n) = self.lock_done().get(&subject) {
+                return Ok(*n);
+            }
+            let discover = |cause: Box<MirrorError>| ReferrerError::Discover {
+                subject: format!("{}@{subject}", self.job.source.repo),
+                cause,
+            };
+            let wanted: Vec<Referrer> = self
+                .source_referrers(&subject)
+                .await
+                .map_err(|e| discover(boxed(e)))?
+                .into_iter()
+                .filter(|r| opts.wants(r.artifact_type.as_deref()))
+                .filter(|r| r.digest != subject && !path.contains(&r.digest))
+                .collect();
+            let mut count = 0u32;
+            let mut unindexed = Vec::new();
+            if !wanted.is_empty() {
+                let at_dst = self
+                    .destination_referrers(&subject)
+                    .await
+                    .map_err(|e| discover(boxed(e)))?;
+                path.push(subject.clone());
+                for r in &wanted {
+                    if !at_dst.listed.contains(&r.digest) {
+                        let indexed =
+                            self.copy_referrer(r)
+                                .await
+                                .map_err(|cause| ReferrerError::Copy {
+                                    digest: r.digest.clone(),
+                                    artifact_type: r
+                                        .artifact_type
+                                        .clone()
+                                        .unwrap_or_else(|| "no artifactType".into()),
+                                    subject: subject.clone(),
+                                    cause: Box::new(cause),
+                                })?;
+                        if !indexed && !at_dst.api {
+                            unindexed.push(r.clone());
+                        }
+                    }
+                    count = count.saturating_add(1);
+                    if depth + 1 < MAX_REFERRER_DEPTH {
+                        let below = self
+                            .subject_referrers(r.digest.clone(), depth + 1, path.clone())
+                            .await?;
+                        count = count.saturating_add(below);
+                    }
+                }
+            }
+            if !unindexed.is_empty() {
+                self.update_fallback_index(&subject, &unindexed).await?;
+            }
+            for suffix in COSIGN_SUFFIXES {
+                count = count.saturating_add(self.cosign_tag(&subject, suffix).await?);
+            }
+            self.lock_done().insert(subject, count);
+            Ok(count)
+        }
+        .boxed()
+    }
+
+    fn lock_done(&self) -> std::sync::MutexGuard<'_, HashMap<String, u32>> {
+        self.referrers
+            .done
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The source's referrers of `subject`: the API, else the fallback tag's index.
+    async fn source_referrers(&self, subject: &str) -> Result<Vec<Referrer>, RegistryError> {
+        let src = &self.source;
+        let api = &self.referrers.source_api;
+        let filter = match self
+            .job
+            .referrers
+            .as_ref()
+            .map(|o| o.artifact_types.as_slice())
+        {
+            Some([one]) => Some(one.as_str()),
+            _ => None,
+        };
+        if api.load(Ordering::Relaxed) != ABSENT {
+            let listed = self
+                .engine
+                .config()
+                .retry
+                .run(
+                    |_| src.registry.referrers(src.repo.path(), subject, filter),
+                    |_, _, _| {},
+                )
+                .await?;
+            if let Some(list) = listed {
+                api.store(SERVED, Ordering::Relaxed);
+                // Unfiltered answers are filtered by the caller; filtered ones pass through it.
+                return Ok(list.referrers);
+            }
+            api.store(ABSENT, Ordering::Relaxed);
+        }
+        let tags = self.tags(true).await;
+        self.fallback_index(src, subject, tags.as_deref())
+            .await
+            .map(|(_, list)| list)
+    }
+
+    /// What the destination holds for `subject`.
+    async fn destination_referrers(
+        &self,
+        subject: &str,
+    ) -> Result<DestinationReferrers, RegistryError> {
+        let dst = &self.destination;
+        let api = &self.referrers.destination_api;
+        if api.load(Ordering::Relaxed) != ABSENT {
+            let listed = self
+                .engine
+                .config()
+                .retry
+                .run(
+                    |_| dst.registry.referrers(dst.repo.path(), subject, None),
+                    |_, _, _| {},
+                )
+                .await?;
+            if let Some(list) = listed {
+                api.store(SERVED, Ordering::Relaxed);
+                return Ok(DestinationReferrers {
+                    api: true,
+                    listed: list.referrers.into_iter().map(|r| r.digest).collect(),
+                });
+            }
+            api.store(ABSENT, Ordering::Relaxed);
+        }
+        let tags = self.tags(false).await;
+        let (_, list) = self.fallback_index(dst, subject, tags.as_deref()).await?;
+        Ok(DestinationReferrers {
+            api: false,
+            listed: list.into_iter().map(|r| r.digest).collect(),
+        })
+    }
+
+    /// The fallback tag's index of `subject` on `side` (its bytes and entries), when the tag
+    /// exists; `tags`, when known, saves asking for a tag that is not there.
+    async fn fallback_index(
+        &self,
+        side: &Endpoint,
+        subject: &str,
+        tags: Option<&HashSet<String>>,
+    ) -> Result<(Option<Manifest>, Vec<Referrer>), RegistryError> {
+        let Some(tag) = fallback_tag(subject) else {
+            return Ok((None, Vec::new()));
+        };
+        if tags.is_some_and(|t| !t.contains(&tag)) {
+            return Ok((None, Vec::new()));
+        }
+        let got = self
+            .engine
+            .config()
+            .retry
+            .run(
+                |_| side.registry.get_manifest(side.repo.path(), &tag),
+                |_, _, _| {},
+            )
+            .await;
+        let manifest = match got {
+            Ok(m) => m,
+            Err(RegistryError::NotFound { .. }) => return Ok((None, Vec::new())),
+            Err(e) => return Err(e),
+        };
+        let what = format!("{}:{tag}", side.repo);
+        if !is_index(&manifest.media_type) {
+            return Err(RegistryError::ManifestInvalid {
+                what,
+                detail: format!(
+                    "the referrers tag holds a {}, not an index",
+                    manifest.media_type
+                ),
+            });
+        }
+        let list = parse_referrers_index(&what, &manifest.bytes)?;
+        Ok((Some(manifest), list))
+    }
+
+    /// A side's tags, listed once per job; `None` when not known.
+    async fn tags(&self, source: bool) -> Option<Arc<HashSet<String>>> {
+        let (cell, side) = if source {
+            (&self.referrers.source_tags, &self.source)
+        } else {
+            (&self.referrers.destination_tags, &self.destination)
+        };
+        cell.get_or_init(|| async {
+            let given = if source {
+                self.job.referrers.as_ref().and_then(|o| o.source_tags.clone())
+            } else {
+                self.destination_tags.clone().map(Arc::new)
+            };
+            if given.is_some() {
+                return given;
+            }
+            let listed = self
+                .engine
+                .config()
+                .retry
+                .run(
+                    |_| side.registry.list_tags(side.repo.path(), TAG_PAGES),
+                    |_, _, _| {},
+                )
+                .await;
+            match listed {
+                Ok(list) if list.complete => Some(Arc::new(list.tags.into_iter().collect())),
+                Ok(_) => None,
+                Err(RegistryError::NotFound { .. }) if !source => Some(Arc::default()),
+                Err(e) => {
+                    tracing::debug!(repo = %side.repo, error = %e, "tag list failed; asking per tag");
+                    None
+                }
+            }
+        })
+        .await
+        .clone()
+    }
+
+    /// Copies one referrer by digest; true when the destination indexed its subject
+    /// (`OCI-Subject`), false when it needs the fallback index (or was already there).
+    async fn copy_referrer(&self, r: &Referrer) -> Result<bool, MirrorError> {
+        let (src, dst) = (&self.source, &self.destination);
+        let retry = &self.engine.config().retry;
+        let _turn = self
+            .engine
+            .manifest_turn(dst.registry.host(), dst.repo.path(), &r.digest)
+            .await;
+        let present = retry
+            .run(
+                |_| dst.registry.head_manifest(dst.repo.path(), &r.digest),
+                |_, _, _| {},
+            )
+            .await?;
+        if present.is_some() {
+            return Ok(false);
+        }
+        let m = retry
+            .run(
+                |_| src.registry.get_manifest(src.repo.path(), &r.digest),
+                |_, _, _| {},
+            )
+            .await?;
+        self.copy_children(&m, 0, true).await?;
+        let indexed = retry
+            .run(
+                |_| {
+                    dst.registry
+                        .put_manifest_with_subject(dst.repo.path(), &r.digest, &m)
+                },
+                |_, _, _| {},
+            )
+            .await?;
+        Ok(indexed)
+    }
+
+    /// Adds `new` to the destination's fallback index of `subject`, keeping what it lists.
+    async fn update_fallback_index(
+        &self,
+        subject: &str,
+        new: &[Referrer],
+    ) -> Result<(), MirrorError> {
+        let dst = &self.destination;
+        let Some(tag) = fallback_tag(subject) else {
+            return Ok(());
+        };
+        let failed = |cause: Box<MirrorError>| ReferrerError::Index {
+            tag: format!("{}:{tag}", dst.repo),
+            cause,
+        };
+        // Read again right before writing (not from the job's tag list): whatever someone
+        // else listed since must survive.
+        let (existing, _) = self
+            .fallback_index(dst, subject, None)
+            .await
+            .map_err(|e| failed(boxed(e)))?;
+        let what = format!("{}:{tag}", dst.repo);
+        let merged = merge_fallback_index(&what, existing.as_ref().map(|m| &m.bytes[..]), new)
+            .map_err(|e| failed(boxed(e)))?;
+        if let Some(index) = merged {
+            self.engine
+                .config()
+                .retry
+                .run(
+                    |_| dst.registry.put_manifest(dst.repo.path(), &tag, &index),
+                    |_, _, _| {},
+                )
+                .await
+                .map_err(|e| failed(boxed(e)))?;
+        }
+        Ok(())
+    }
+
+    /// Mirrors cosign's tag `sha256-<hex><suffix>` of `subject` when the source has it; 1 when
+    /// the destination holds it afterwards.
+    async fn cosign_tag(&self, subject: &str, suffix: &str) -> Result<u32, MirrorError> {
+        let Some(base) = fallback_tag(subject) else {
+            return Ok(0);
+        };
+        let tag = format!("{base}{suffix}");
+        let mut known = (String::new(), None::<String>);
+        let result = self.cosign_tag_inner(&tag, &mut known).await;
+        result.map_err(|cause| {
+            let kind = match suffix {
+                ".sig" => "cosign signature",
+                ".att" => "cosign attestation",
+                _ => "cosign SBOM",
+            };
+            let (artifact_type, digest) = known;
+            MirrorError::Referrer(ReferrerError::CosignTag {
+                tag: format!("{}:{tag}", self.job.source.repo),
+                artifact_type: if artifact_type.is_empty() {
+                    kind.to_string()
+                } else {
+                    artifact_type
+                },
+                digest: digest.map(|d| format!(", {d}")).unwrap_or_default(),
+                cause: Box::new(cause),
+            })
+        })
+    }
+
+    /// `known`: (artifact type, digest) learnt on the way, for the error message.
+    async fn cosign_tag_inner(
+        &self,
+        tag: &str,
+        known: &mut (String, Option<String>),
+    ) -> Result<u32, MirrorError> {
+        let Some(opts) = &self.job.referrers else {
+            return Ok(0);
+        };
+        let (src, dst) = (&self.source, &self.destination);
+        let retry = &self.engine.config().retry;
+        let source_tags = self.tags(true).await;
+        if source_tags.as_ref().is_some_and(|t| !t.contains(tag)) {
+            return Ok(0);
+        }
+        // A HEAD tells the digest without a pull; the filter needs the document itself.
+        let mut manifest = None;
+        let source_digest = if opts.artifact_types.is_empty() {
+            let head = retry
+                .run(
+                    |_| src.registry.head_manifest(src.repo.path(), tag),
+                    |_, _, _| {},
+                )
+                .await?;
+            match head {
+                None => return Ok(0),
+                Some(h) => h.digest,
+            }
+        } else {
+            let got = retry
+                .run(
+                    |_| src.registry.get_manifest(src.repo.path(), tag),
+                    |_, _, _| {},
+                )
+                .await;
+            let m = match got {
+                Ok(m) => m,
+                Err(RegistryError::NotFound { .. }) => return Ok(0),
+                Err(e) => return Err(e.into()),
+            };
+            let kind = artifact_type_of(&m.bytes);
+            known.0 = kind.clone().unwrap_or_default();
+            if !opts.wants(kind.as_deref()) {
+                return Ok(0);
+            }
+            let d = m.digest.clone();
+            manifest = Some(m);
+            Some(d)
+        };
+        known.1 = source_digest.clone();
+        let dst_tags = self.tags(false).await;
+        let at_dst = if dst_tags.as_ref().is_some_and(|t| !t.contains(tag)) {
+            None
+        } else {
+            retry
+                .run(
+                    |_| dst.registry.head_manifest(dst.repo.path(), tag),
+                    |_, _, _| {},
+                )
+                .await?
+                .and_then(|h| h.digest)
+        };
+        if at_dst.is_some() && at_dst == source_digest {
+            return Ok(1);
+        }
+        let m = match manifest {
+            Some(m) => m,
+            None => {
+                // By digest when the HEAD told it: the tag may move between the two requests.
+                let reference = source_digest.as_deref().unwrap_or(tag);
+                retry
+                    .run(
+                        |_| src.registry.get_manifest(src.repo.path(), reference),
+                        |_, _, _| {},
+                    )
+                    .await?
+            }
+        };
+        known.0 = artifact_type_of(&m.bytes).unwrap_or_default();
+        known.1 = Some(m.digest.clone());
+        if let (Some(existing), false) = (&at_dst, self.job.overwrite) {
+            return Err(MirrorError::TagConflict {
+                tag: format!("{}:{tag}", dst.repo),
+                existing: existing.clone(),
+                wanted: m.digest.clone(),
+            });
+        }
+        self.copy_children(&m, 0, at_dst.is_none()).await?;
+        let _turn = self
+            .engine
+            .manifest_turn(dst.registry.host(), dst.repo.path(), &m.digest)
+            .await;
+        retry
+            .run(
+                |_| dst.registry.put_manifest(dst.repo.path(), tag, &m),
+                |_, _, _| {},
+            )
+            .await?;
+        Ok(1)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn d(c: char) -> String {
+        format!("sha256:{}", c.to_string().repeat(64))
+    }
+
+    fn referrer(c: char, artifact_type: &str) -> Referrer {
+        let raw = json!({"mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "digest": d(c), "size": 10, "artifactType": artifact_type});
+        Referrer {
+            media_type: "application/vnd.oci.image.manifest.v1+json".into(),
+            digest: d(c),
+            size: 10,
+            artifact_type: Some(artifact_type.into()),
+            raw,
+        }
+    }
+
+    #[test]
+    fn artifact_types_of_cosign_and_oci_artifacts() {
+        let sig = json!({"schemaVersion": 2, "config": {"mediaType": "application/vnd.oci.image.config.v1+json"},
+            "layers": [{"mediaType": "application/vnd.dev.cosign.simplesigning.v1+json"}]});
+        let sbom = json!({"schemaVersion": 2, "artifactType": "application/spdx+json",
+            "config": {"mediaType": "application/vnd.oci.empty.v1+json"}, "layers": []});
+        let typed_config =
+            json!({"config": {"mediaType": "application/vnd.cncf.notary.signature"}});
+        let bare = json!({"config": {"mediaType": "application/vnd.oci.image.config.v1+json"}});
+        let of = |v: serde_json::Value| artifact_type_of(&serde_json::to_vec(&v).unwrap());
+        assert_eq!(
+            of(sig).as_deref(),
+            Some("application/vnd.dev.cosign.simplesigning.v1+json")
+        );
+        assert_eq!(of(sbom).as_deref(), Some("application/spdx+json"));
+        assert_eq!(
+            of(typed_config).as_deref(),
+            Some("application/vnd.cncf.notary.signature")
+        );
+        assert_eq!(
+            of(bare).as_deref(),
+            Some("application/vnd.oci.image.config.v1+json")
+        );
+        assert_eq!(artifact_type_of(b"not json"), None);
+    }
+
+    #[test]
+    fn filters_by_artifact_type() {
+        let all = ReferrersOptions::default();
+        assert!(all.wants(None) && all.wants(Some("x")));
+        let sbom = ReferrersOptions {
+            artifact_types: vec!["application/spdx+json".into()],
+            source_tags: None,
+        };
+        assert!(sbom.wants(Some("application/spdx+json")));
+        assert!(!sbom.wants(Some("application/vnd.cncf.notary.signature")));
+        assert!(!sbom.wants(None));
+        let spec = ReferrersSpec::default();
+        assert!(ReferrersOptions::from_spec(&spec, None).is_none());
+    }
+
+    #[test]
+    fn merging_keeps_foreign_referrers_and_adds_only_what_is_missing() {
+        let foreign = json!({"mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "digest": d('f'), "size": 3, "artifactType": "x/foreign",
+            "annotations": {"who": "someone else"}});
+        let existing = serde_json::to_vec(&json!({"schemaVersion": 2, "mediaType": OCI_INDEX,
+            "annotations": {"keep": "me"}, "manifests": [foreign.clone(), referrer('a', "t").raw]}))
+        .unwrap();
+        let merged = merge_fallback_index(
+            "r:sha256-x",
+            Some(&existing),
+            &[referrer('a', "t"), referrer('b', "application/spdx+json")],
+        )
+        .unwrap()
+        .expect("b is new");
+        let doc: serde_json::Value = serde_json::from_slice(&merged.bytes).unwrap();
+        let entries = doc["manifests"].as_array().unwrap();
+        assert_eq!(entries.len(), 3);
+        assert_eq!(entries[0], foreign);
+        assert_eq!(entries[2]["digest"], d('b'));
+        assert_eq!(doc["annotations"]["keep"], "me");
+        assert_eq!(merged.digest, sha256_digest(&merged.bytes));
+        // Everything listed already: nothing to write.
+        assert!(
+            merge_fallback_index("r:sha256-x", Some(&merged.bytes), &[referrer('b', "t")])
+                .unwrap()
+                .is_none()
+        );
+        // A new index from nothing.
+        let fresh = merge_fallback_index("r:sha256-x", None, &[referrer('c', "t")])
+            .unwrap()
+            .unwrap();
+        assert_eq!(fresh.media_type, OCI_INDEX);
+        let fresh = Manifest::from_bytes("r", Some(OCI_INDEX), fresh.bytes).unwrap();
+        assert!(
+            matches!(fresh.parse("r").unwrap(), Parsed::Index { manifests } if manifests.len() == 1)
+        );
+    }
+
+    #[test]
+    fn an_unreadable_fallback_index_is_never_overwritten() {
+        let e = merge_fallback_index(
+            "dst/app:sha256-x",
+            Some(b"{\"manifests\":7}"),
+            &[referrer('a', "t")],
+        )
+        .unwrap_err();
+        assert_eq!(e.reason(), "ManifestInvalid");
+        assert!(e.to_string().contains("dst/app:sha256-x"), "{e}");
+    }
+}

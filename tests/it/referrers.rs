@@ -1,0 +1,232 @@
+//! Signatures, attestations and SBOMs travel with the image (`spec.referrers`): real
+//! distribution 2.8 has no referrers API, so the referrers tag schema (`sha256-<hex>`) and
+//! cosign's tags are used for real; the API itself is tested against the proxy's emulation.
+
+use crate::support::artifacts::{
+    Artifact, IN_TOTO, NOTATION, SPDX, attach, cosign_signature, fallback_tag, listed_digests,
+    push_fallback_index,
+};
+use crate::support::image::Pushed;
+use crate::support::{Flavor, Seeder, TestRegistry, mirror_cli, mirror_doc};
+
+/// An image with everything real tools attach to it.
+struct Attached {
+    image: Pushed,
+    /// cosign signature, under `sig_tag`.
+    sig: Pushed,
+    sig_tag: String,
+    /// Direct referrers of the image, listed in its fallback index.
+    sbom: Artifact,
+    attestation: Artifact,
+    /// A signature whose subject is the SBOM, listed in the SBOM's fallback index.
+    sbom_sig: Artifact,
+}
+
+async fn seed_attached(host: &str, repo: &str) -> Attached {
+    let s = Seeder::new(host);
+    let image = s
+        .push_image(repo, Some("v1"), 41, &[20_000], Flavor::Oci)
+        .await;
+    let (sig, sig_tag) = cosign_signature(&s, repo, &format!("{host}/{repo}"), &image).await;
+    let sbom = attach(&s, repo, &image, SPDX, br#"{"spdxVersion":"SPDX-2.3"}"#).await;
+    let attestation = attach(&s, repo, &image, IN_TOTO, br#"{"_type":"in-toto"}"#).await;
+    let sbom_sig = attach(&s, repo, &sbom.pushed, NOTATION, b"notation signature").await;
+    push_fallback_index(&s, repo, &image.digest, &[&sbom, &attestation]).await;
+    push_fallback_index(&s, repo, &sbom.pushed.digest, &[&sbom_sig]).await;
+    Attached {
+        image,
+        sig,
+        sig_tag,
+        sbom,
+        attestation,
+        sbom_sig,
+    }
+}
+
+fn doc(src: &str, dst: &str, referrers: &str) -> String {
+    mirror_doc(
+        "app",
+        src,
+        "app",
+        dst,
+        "app",
+        &format!("  tags:\n    names: [v1]\n{referrers}"),
+    )
+}
+
+const ALL: &str = "  referrers:\n    enabled: true\n";
+
+/// Runs the CLI with JSON output; the rows.
+fn mirror_json(dir: &std::path::Path, doc: &str) -> Vec<serde_json::Value> {
+    let (code, stdout, stderr) = mirror_cli(dir, doc, &["--output", "json"]);
+    assert_eq!(code, 0, "stdout:\n{stdout}\nstderr:\n{stderr}");
+    serde_json::from_str::<serde_json::Value>(&stdout)
+        .unwrap()
+        .as_array()
+        .unwrap()
+        .clone()
+}
+
+fn manifest_writes(log: &[String]) -> Vec<&String> {
+    log.iter()
+        .filter(|r| r.starts_with("PUT ") && r.contains("/manifests/"))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn signatures_attestations_and_sboms_travel_byte_identical_through_the_tag_schema() {
+    let (src, dst) = (TestRegistry::start(), TestRegistry::start());
+    let a = seed_attached(src.host(), "app").await;
+    let dir = tempfile::tempdir().unwrap();
+    let rows = mirror_json(dir.path(), &doc(src.host(), dst.host(), ALL));
+    assert_eq!(rows[0]["state"], "Copied", "{rows:?}");
+    // SBOM, attestation, the signature on the SBOM, and the cosign signature.
+    assert_eq!(rows[0]["referrers"], 4, "{rows:?}");
+
+    let d = Seeder::new(dst.host());
+    d.assert_copy_of("app", "v1", &a.image).await;
+    d.assert_copy_of("app", &a.sig_tag, &a.sig).await;
+    for art in [&a.sbom, &a.attestation, &a.sbom_sig] {
+        d.assert_copy_of("app", &art.pushed.digest, &art.pushed)
+            .await;
+    }
+    let (_, index) = d
+        .get_manifest("app", &fallback_tag(&a.image.digest))
+        .await
+        .expect("the destination has the image's fallback index");
+    let mut listed = listed_digests(&index);
+    listed.sort();
+    let mut direct = vec![
+        a.sbom.pushed.digest.clone(),
+        a.attestation.pushed.digest.clone(),
+    ];
+    direct.sort();
+    assert_eq!(listed, direct, "both direct referrers are listed");
+    let (_, index) = d
+        .get_manifest("app", &fallback_tag(&a.sbom.pushed.digest))
+        .await
+        .expect("the destination has the SBOM's fallback index");
+    assert_eq!(
+        listed_digests(&index),
+        vec![a.sbom_sig.pushed.digest.clone()]
+    );
+
+    // The signature's payload names the digest the destination tag resolves to.
+    let (_, v1) = d.get_manifest("app", "v1").await.unwrap();
+    let v1_digest = imagemirror::registry::digest::sha256_digest(&v1);
+    let sig: serde_json::Value = serde_json::from_slice(&a.sig.bytes).unwrap();
+    let payload_digest = sig["layers"][0]["digest"].as_str().unwrap();
+    let payload = reqwest::get(format!(
+        "http://{}/v2/app/blobs/{payload_digest}",
+        dst.host()
+    ))
+    .await
+    .unwrap()
+    .bytes()
+    .await
+    .unwrap();
+    let payload: serde_json::Value = serde_json::from_slice(&payload).unwrap();
+    assert_eq!(
+        payload["critical"]["image"]["docker-manifest-digest"],
+        v1_digest.as_str()
+    );
+
+    // A resync with nothing new writes nothing and costs at most one more request per
+    // manifest on each side than a resync without referrers (5 manifests here: the image,
+    // the cosign signature, the SBOM, the attestation and the signature on the SBOM).
+    let count = |doc: &str| {
+        let (s0, d0) = (src.requests().len(), dst.requests().len());
+        let rows = mirror_json(dir.path(), doc);
+        assert_eq!(rows[0]["state"], "UpToDate", "{rows:?}");
+        let (s, d) = (src.requests()[s0..].to_vec(), dst.requests()[d0..].to_vec());
+        assert!(
+            manifest_writes(&d).is_empty(),
+            "a no-op resync wrote: {d:?}"
+        );
+        (rows, s, d)
+    };
+    let (_, src_plain, dst_plain) = count(&doc(src.host(), dst.host(), ""));
+    let (rows, src_refs, dst_refs) = count(&doc(src.host(), dst.host(), ALL));
+    assert_eq!(rows[0]["referrers"], 4, "{rows:?}");
+    eprintln!(
+        "no-op resync requests: source {} without referrers, {} with; destination {} without, {} with\nsource: {src_refs:?}\ndestination: {dst_refs:?}",
+        src_plain.len(),
+        src_refs.len(),
+        dst_plain.len(),
+        dst_refs.len()
+    );
+    let manifests = 5;
+    assert!(
+        src_refs.len() <= src_plain.len() + manifests,
+        "source: {src_plain:?} vs {src_refs:?}"
+    );
+    assert!(
+        dst_refs.len() <= dst_plain.len() + manifests,
+        "destination: {dst_plain:?} vs {dst_refs:?}"
+    );
+    assert!(
+        !dst_refs.iter().any(|r| r.contains("/blobs/")),
+        "nothing re-copied: {dst_refs:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_artifact_type_filter_copies_only_the_sbom() {
+    let (src, dst) = (TestRegistry::start(), TestRegistry::start());
+    let a = seed_attached(src.host(), "app").await;
+    let dir = tempfile::tempdir().unwrap();
+    let only_sbom = format!("  referrers:\n    enabled: true\n    artifactTypes: [{SPDX}]\n");
+    let rows = mirror_json(dir.path(), &doc(src.host(), dst.host(), &only_sbom));
+    assert_eq!(rows[0]["referrers"], 1, "{rows:?}");
+    let d = Seeder::new(dst.host());
+    d.assert_copy_of("app", &a.sbom.pushed.digest, &a.sbom.pushed)
+        .await;
+    for absent in [
+        &a.attestation.pushed.digest,
+        &a.sbom_sig.pushed.digest,
+        &a.sig_tag,
+        &fallback_tag(&a.sbom.pushed.digest),
+    ] {
+        assert!(
+            d.get_manifest("app", absent).await.is_none(),
+            "{absent} must not be copied"
+        );
+    }
+    let (_, index) = d
+        .get_manifest("app", &fallback_tag(&a.image.digest))
+        .await
+        .unwrap();
+    assert_eq!(listed_digests(&index), vec![a.sbom.pushed.digest.clone()]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_foreign_referrer_in_the_destination_index_is_kept() {
+    let (src, dst) = (TestRegistry::start(), TestRegistry::start());
+    let a = seed_attached(src.host(), "app").await;
+    // Someone else signed the image at the destination and listed their signature there.
+    let d = Seeder::new(dst.host());
+    let foreign = attach(&d, "app", &a.image, NOTATION, b"someone else's signature").await;
+    let before = push_fallback_index(&d, "app", &a.image.digest, &[&foreign]).await;
+    let dir = tempfile::tempdir().unwrap();
+    mirror_json(dir.path(), &doc(src.host(), dst.host(), ALL));
+    let (_, index) = d
+        .get_manifest("app", &fallback_tag(&a.image.digest))
+        .await
+        .unwrap();
+    let listed = listed_digests(&index);
+    assert_eq!(
+        listed,
+        [
+            foreign.pushed.digest.clone(),
+            a.sbom.pushed.digest.clone(),
+            a.attestation.pushed.digest.clone()
+        ]
+    );
+    // The foreign entry is kept as its owner wrote it.
+    let entry = |bytes: &[u8]| {
+        serde_json::from_slice::<serde_json::Value>(bytes).unwrap()["manifests"][0].clone()
+    };
+    assert_eq!(entry(&index), entry(&before));
+    d.assert_copy_of("app", &foreign.pushed.digest, &foreign.pushed)
+        .await;
+}
