@@ -1,8 +1,6 @@
 //! OCI 1.1 referrers: the referrers API (`GET /v2/<name>/referrers/<digest>`), the referrers
 //! tag schema's tag name, and manifest PUTs that report `OCI-Subject`.
 
-use bytes::BytesMut;
-use futures_util::StreamExt;
 use reqwest::header::{ACCEPT, CONTENT_TYPE, HeaderMap};
 use serde::Deserialize;
 
@@ -10,7 +8,7 @@ use super::RegistryClient;
 use super::error::{RegistryError, Result};
 use super::manifest::{MAX_MANIFEST_SIZE, Manifest, OCI_INDEX, parse_next_link};
 use super::reference::is_valid_digest;
-use super::transport::{Access, check};
+use super::transport::{Access, Capped, check, read_capped};
 
 /// The header a registry answers a manifest PUT with when it indexed the manifest's `subject`.
 pub const OCI_SUBJECT: &str = "oci-subject";
@@ -133,14 +131,13 @@ impl RegistryClient {
                 detail: "the subject is not a sha256 digest".into(),
             });
         }
-        let mut next = Some(format!("/v2/{repo}/referrers/{digest}"));
+        let mut next = Some(self.t.url(&format!("/v2/{repo}/referrers/{digest}")));
         let mut out = ReferrerList {
             referrers: Vec::new(),
             filtered: true,
         };
         for page in 0..MAX_PAGES {
-            let Some(path) = next.take() else { break };
-            let url = self.t.url(&path);
+            let Some(url) = next.take() else { break };
             let resp = self
                 .t
                 .send(&what, &Access::Pull(repo.into()), || {
@@ -157,12 +154,27 @@ impl RegistryClient {
                 Err(e) => return Err(e),
             };
             out.filtered &= header_has(resp.headers(), OCI_FILTERS_APPLIED, "artifactType");
-            next = resp
+            // A `Link` to another origin is refused by `resolve`: credentials stay home.
+            next = match resp
                 .headers()
                 .get("link")
                 .and_then(|v| v.to_str().ok())
-                .and_then(parse_next_link);
-            let body = read_capped(&what, resp).await?;
+                .and_then(parse_next_link)
+            {
+                Some(link) => Some(self.t.resolve(&what, &link)?),
+                None => None,
+            };
+            let body = match read_capped(resp, MAX_MANIFEST_SIZE as usize).await {
+                Ok(Capped::Whole(b)) => b,
+                Ok(Capped::Cut(b)) => {
+                    return Err(RegistryError::ManifestTooLarge {
+                        what,
+                        size: b.len() as u64,
+                        limit: MAX_MANIFEST_SIZE,
+                    });
+                }
+                Err(e) => return Err(RegistryError::transport(&what, &e)),
+            };
             out.referrers.extend(parse_referrers_index(&what, &body)?);
             if out.referrers.len() > MAX_REFERRERS {
                 return Err(RegistryError::ManifestInvalid {
@@ -211,30 +223,6 @@ impl RegistryClient {
         }
         Ok(headers.contains_key(OCI_SUBJECT))
     }
-}
-
-/// Reads a response body of at most [`MAX_MANIFEST_SIZE`] bytes.
-async fn read_capped(what: &str, resp: reqwest::Response) -> Result<BytesMut> {
-    let too_large = |size: u64| RegistryError::ManifestTooLarge {
-        what: what.to_string(),
-        size,
-        limit: MAX_MANIFEST_SIZE,
-    };
-    if let Some(len) = resp.content_length()
-        && len > MAX_MANIFEST_SIZE
-    {
-        return Err(too_large(len));
-    }
-    let mut body = BytesMut::new();
-    let mut stream = resp.bytes_stream();
-    while let Some(chunk) = stream.next().await {
-        let chunk = chunk.map_err(|e| RegistryError::transport(what, &e))?;
-        body.extend_from_slice(&chunk);
-        if body.len() as u64 > MAX_MANIFEST_SIZE {
-            return Err(too_large(body.len() as u64));
-        }
-    }
-    Ok(body)
 }
 
 #[cfg(test)]
