@@ -4,6 +4,7 @@
 
 pub mod api;
 pub mod cli;
+pub mod layout;
 pub mod mirror;
 pub mod registry;
 pub mod transfer;

@@ -204,9 +204,14 @@ async fn reconcile_inner(
         return Ok(Action::await_change());
     }
 
-    let valid = match mirror::validate(&obj.spec) {
+    // OCI layouts are local files: a CLI feature, refused here before anything is read.
+    let valid = match crate::layout::refuse_in_cluster(&obj.spec)
+        .map_err(|m| (crate::layout::IN_CLUSTER_REASON, m))
+        .and_then(|()| {
+            mirror::validate(&obj.spec).map_err(|e| (reasons::INVALID_SPEC, e.to_string()))
+        }) {
         Ok(v) => v,
-        Err(e) => {
+        Err((reason, message)) => {
             let stall = Stall {
                 api: &api,
                 name,
@@ -214,9 +219,7 @@ async fn reconcile_inner(
                 generation,
                 now,
             };
-            stall
-                .write(ctx, obj, reasons::INVALID_SPEC, e.to_string())
-                .await?;
+            stall.write(ctx, obj, reason, message).await?;
             return Ok(Action::await_change());
         }
     };

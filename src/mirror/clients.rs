@@ -7,6 +7,7 @@ use std::time::Instant;
 
 use super::{Endpoint, SpecError};
 use crate::api::RepositorySpec;
+use crate::layout::{Layouts, Location};
 use crate::registry::digest::sha256_digest;
 use crate::registry::{
     Credentials, HttpClients, RegistryClient, RegistryError, RegistryOptions, Repository,
@@ -29,6 +30,8 @@ pub struct ClientPool {
     clients: Arc<Mutex<HashMap<String, Pooled>>>,
     /// HTTP clients by TLS settings: one root-store load and one connection pool per setting.
     http: Arc<HttpClients>,
+    /// OCI layouts (`oci:`, `oci-archive:`) by path.
+    layouts: Arc<Layouts>,
 }
 
 /// A pooled client and the last time it was handed out.
@@ -56,6 +59,16 @@ impl ClientPool {
     ) -> Result<Endpoint, SpecError> {
         let repo = Repository::parse(&spec.repository)
             .map_err(|source| SpecError::Repository { field, source })?;
+        if let Some(location) = Location::of(&repo) {
+            let layout = self
+                .layouts
+                .get(&location)
+                .map_err(|source| SpecError::Repository { field, source })?;
+            return Ok(Endpoint {
+                registry: layout,
+                repo,
+            });
+        }
         let options = RegistryOptions {
             plain_http: spec.plain_http,
             insecure_skip_tls_verify: spec.insecure_skip_tls_verify,

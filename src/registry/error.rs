@@ -73,6 +73,9 @@ pub enum RegistryError {
     /// The client could not be configured (bad CA certificate, ...).
     #[error("{what}: {detail}")]
     Config { what: String, detail: String },
+    /// A local file of an OCI layout or archive could not be read or written; `what` names it.
+    #[error("{what}: {detail}")]
+    Storage { what: String, detail: String },
 }
 
 impl RegistryError {
@@ -95,6 +98,7 @@ impl RegistryError {
             RegistryError::BadLocation { .. } => "BadLocation",
             RegistryError::TooLarge { .. } => "AnswerTooLarge",
             RegistryError::Config { .. } => "InvalidConfig",
+            RegistryError::Storage { .. } => "StorageError",
         }
     }
 

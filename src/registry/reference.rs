@@ -28,6 +28,11 @@ impl Repository {
         if trimmed.is_empty() {
             return Err(invalid("the repository is empty"));
         }
+        // Local transports (`oci:`, `oci-archive:`) parse here so that every caller accepts
+        // them; crate::layout gives them meaning and the controller refuses them.
+        if let Some(local) = crate::layout::parse_repository(trimmed) {
+            return local.map(|(registry, path)| Repository { registry, path });
+        }
         let tagged = "give the repository without a tag or digest; select tags in spec.tags";
         // The docker reference grammar by hand (no regex: compiling the grammar's regex cost
         // a resync a third of its run time). A tag or digest is refused, so only
@@ -100,6 +105,13 @@ impl Repository {
 
 impl fmt::Display for Repository {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Layouts read like skopeo's references: `oci:/dir` or `oci:/dir:prefix`.
+        if crate::layout::is_local(&self.registry) {
+            return match self.path.as_str() {
+                "" => write!(f, "{}", self.registry),
+                path => write!(f, "{}:{path}", self.registry),
+            };
+        }
         write!(f, "{}/{}", self.registry, self.path)
     }
 }
@@ -130,7 +142,7 @@ fn is_domain(s: &str) -> bool {
 }
 
 /// A path component: `[a-z0-9]+` runs joined by `.`, `_`, `__` or one or more `-`.
-fn is_path_component(s: &str) -> bool {
+pub(crate) fn is_path_component(s: &str) -> bool {
     let b = s.as_bytes();
     let alnum = |c: u8| c.is_ascii_lowercase() || c.is_ascii_digit();
     if b.is_empty() || !alnum(b[0]) || !alnum(b[b.len() - 1]) {

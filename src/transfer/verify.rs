@@ -91,6 +91,13 @@ impl Stream for Verify {
                 Poll::Pending => return Poll::Pending,
                 Poll::Ready(Some(Err(e))) => {
                     this.done = true;
+                    // A source that found its own content bad (a layout blob that does not
+                    // match its name) explains the failure better than the upload's error.
+                    if !e.is_retryable()
+                        && let Ok(mut slot) = this.failure.lock()
+                    {
+                        *slot = Some(e.clone());
+                    }
                     return Poll::Ready(Some(Err(e)));
                 }
                 Poll::Ready(Some(Ok(chunk))) => {

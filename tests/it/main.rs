@@ -7,6 +7,7 @@ mod copy;
 mod crd;
 mod faults;
 mod kube_api;
+mod layout;
 mod memory;
 mod referrers;
 mod resume;
