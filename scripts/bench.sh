@@ -5,7 +5,8 @@
 #
 #   --quick          tiny data set, 1 run: a smoke test (well under a minute once built)
 #   --runs N         runs per tool and scenario (default 3)
-#   --scenario NAME  standard | warm | many | shared | all (repeatable or comma-separated; default all)
+#   --scenario NAME  standard | warm | many | shared | export | all (repeatable or comma-separated;
+#                    default all; export: registry -> OCI layout directory vs skopeo copy per tag)
 #   --out DIR        where bench-results.md and bench-results.json go (default target/bench)
 #   --keep           keep the temporary directory (registries' storage, access logs, per-run output)
 #   --fail-fast      stop at the first failed run (default: report every failure, exit 1 at the end)
@@ -26,7 +27,7 @@ set -euo pipefail
 REPO_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$REPO_DIR"
 
-usage() { sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'; }
 
 quick=0 runs=3 keep=0 fail_fast=0 out="$REPO_DIR/target/bench" bin=""
 scenarios=() im_args=()

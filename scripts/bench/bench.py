@@ -28,6 +28,7 @@ import time
 
 from common import *  # noqa: F401,F403 (shared constants and helpers)
 from dataset import *  # noqa: F401,F403
+from export import run_export, verify_layout
 from report import fmt_bytes, report
 
 # ----------------------------------------------------------------------------------------------
@@ -193,7 +194,7 @@ def main():
     ap.add_argument("--im-arg", action="append", default=[], help="extra `imagemirror mirror` argument")
     args = ap.parse_args()
 
-    order = ["standard", "warm", "many", "shared"]
+    order = ["standard", "warm", "many", "shared", "export"]
     wanted = []
     for s in args.scenario or ["all"]:
         for part in s.split(","):
@@ -209,6 +210,7 @@ def main():
 
     scenarios = build_scenarios(args.quick)
     scenarios["warm"] = scenarios["standard"]
+    scenarios["export"] = scenarios["standard"]
     runner = Runner(args)
 
     def on_signal(signum, frame):
@@ -233,7 +235,7 @@ def run(args, runner, scenarios, wanted):
     log(f"source registry {src.addr}; seeding ({'quick' if args.quick else 'full'} data set)")
     seeder = Seeder(src)
     t0 = time.monotonic()
-    needed = {"standard" if s == "warm" else s for s in wanted}
+    needed = {"standard" if s in ("warm", "export") else s for s in wanted}
     for name in ("standard", "many", "shared"):
         if name in needed:
             seed(seeder, scenarios[name])
@@ -271,18 +273,25 @@ def run(args, runner, scenarios, wanted):
         for i in range(runs):
             order = TOOLS if i % 2 == 0 else TOOLS[::-1]
             for tool in order:
-                if scen == "warm":
-                    dst = warm_dest[tool]
-                else:
-                    dst = runner.new_registry(f"{scen}-{tool}-{i + 1}")
                 tag = f"{scen}-{tool}-{i + 1}"
-                r = runner.run_tool(tool, data, src, dst, tag)
-                bad = verify(dst, views[scen], tool)
+                if scen == "export":
+                    r = run_export(runner, tool, data, src, tag, parse_time_v)
+                    bad = verify_layout(r["layout"], views[scen], tool, data)
+                    if not args.keep_dest:
+                        shutil.rmtree(r["layout"], ignore_errors=True)
+                    dst = None
+                else:
+                    dst = (warm_dest[tool] if scen == "warm"
+                           else runner.new_registry(f"{scen}-{tool}-{i + 1}"))
+                    r = runner.run_tool(tool, data, src, dst, tag)
+                    bad = verify(dst, views[scen], tool)
                 if bad or r["failure"]:
                     r["failure"] = "\n  ".join(x for x in (r["failure"], bad) if x)
                 results[scen][tool].append(r)
                 status = (f"verified {n_manifests[scen]} manifests, {n_blobs[scen]} blobs"
                           if not r["failure"] else "FAILED")
+                if "written" in r:
+                    status += f", {fmt_bytes(r['written'])} in the layout's blobs"
                 log(f"{scen} run {i + 1} {tool}: {r['wall']:.2f}s, {r['rss_kb'] / 1024:.0f} MiB RSS, "
                     f"src {r['src']['total']} req ({fmt_bytes(r['src']['blob_get_bytes'])} blobs), "
                     f"dst {r['dst']['total']} req; CPU tool {r['cpu_tool']:.1f}s src {r['cpu_src']:.1f}s "
@@ -298,7 +307,7 @@ def run(args, runner, scenarios, wanted):
                     if old:
                         old.stop(remove=not args.keep_dest)
                     warm_dest[tool] = dst  # the last good standard run: warm re-runs against it
-                elif scen != "warm":
+                elif dst is not None and scen != "warm":
                     dst.stop(remove=not args.keep_dest)
         if scen == "warm":
             for d in warm_dest.values():

@@ -68,8 +68,11 @@ def report(results, unique, meta, failures):
             rel = f"{read / u:.2f}×" if u else "-"
             cpu = " / ".join(f"{statistics.median(r[k] for r in runs):.1f}"
                              for k in ("cpu_tool", "cpu_src", "cpu_dst", "cpu_other"))
+            dst = fmt_methods(runs, 'dst')
+            if "written" in runs[0]:
+                dst = f"layout: {fmt_bytes(statistics.median(r['written'] for r in runs))} written"
             lines.append(f"| {scen} | {tool} | {med[tool]:.2f} s ({walls}) | {ratio} | {rss:.0f} MiB | "
-                         f"{fmt_methods(runs, 'src')} | {fmt_methods(runs, 'dst')} | "
+                         f"{fmt_methods(runs, 'src')} | {dst} | "
                          f"{fmt_bytes(read)} / {fmt_bytes(u)} = {rel} | {cpu} |")
     lines.append("")
     lines.append("Wall: median of the runs (each run in parentheses), from `/usr/bin/time -v`; "
@@ -80,7 +83,10 @@ def report(results, unique, meta, failures):
                  "byte was read once). CPU: user+system seconds of the tool and of each registry "
                  "process during the run, and of everything else on the machine (other users' builds: "
                  "a high number means the run competed for the CPUs). Cold scenarios copy into a fresh registry every run; warm "
-                 "re-runs standard against a destination that already has everything. Every run is "
+                 "re-runs standard against a destination that already has everything. Export copies the standard "
+                 "set into one OCI layout directory (`oci:<dir>:<name>` destinations against one `skopeo copy --all` "
+                 "per tag into `oci:<dir>:<name>:<tag>`; skopeo converts Docker images to OCI there, imagemirror keeps "
+                 "every digest); \"written\" is the size of the layout's blobs after the run. Every run is "
                  "verified: all manifests byte-identical to the source, every blob present.")
     lines.append("")
     if failures:
