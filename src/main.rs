@@ -215,6 +215,9 @@ struct MirrorArgs {
     /// Print what would be copied; write nothing.
     #[arg(long)]
     dry_run: bool,
+    /// Warn about unknown fields in the YAML instead of refusing the document.
+    #[arg(long)]
+    lenient: bool,
     /// Docker config JSON with registry credentials [default: $DOCKER_CONFIG/config.json or ~/.docker/config.json].
     #[arg(long, env = "IMAGEMIRROR_AUTH_FILE")]
     auth_file: Option<PathBuf>,
@@ -280,6 +283,7 @@ fn main() -> ExitCode {
                 ca_file: m.ca_file,
                 engine: m.engine.config(),
                 output: m.output,
+                lenient: m.lenient,
             };
             let progress = match (&bars, mode) {
                 (Some(bars), _) => bars.sink(),

@@ -5,13 +5,20 @@
 
 mod referrers;
 mod status;
+pub mod validation;
 
 use kube::CustomResource;
 use kube::KubeSchema;
 use kube::core::crd::CustomResourceExt;
+use schemars::Schema;
 use serde::{Deserialize, Serialize};
 
 pub use referrers::ReferrersSpec;
+use validation::{
+    DIGEST_PATTERN, INTERVAL_MESSAGE, INTERVAL_PATTERN, INTERVAL_RULE, PLATFORM_PATTERN,
+    SECRET_NAME_PATTERN, SELECTOR_MESSAGE, SELECTOR_RULE, TAG_PATTERN, limits,
+};
+
 pub use status::{
     ImageMirrorStatus, Progress, Summary, TagState, TagStatus, condition_reasons, condition_types,
 };
@@ -41,9 +48,8 @@ pub const DEFAULT_INTERVAL: &str = "1h";
     printcolumn = r#"{"name":"Last Sync","type":"date","jsonPath":".status.lastSyncTime"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
-#[x_kube(validation = Rule::new(
-    "(has(self.tags) && ((has(self.tags.names) && size(self.tags.names) > 0) || (has(self.tags.include) && size(self.tags.include) > 0) || has(self.tags.semver))) || (has(self.digests) && size(self.digests) > 0)"
-).message("at least one of spec.tags.names, spec.tags.include, spec.tags.semver or spec.digests is required"))]
+#[x_kube(validation = Rule::new(SELECTOR_RULE).message(SELECTOR_MESSAGE))]
+#[schemars(transform = signed_integer_formats)]
 #[serde(rename_all = "camelCase")]
 pub struct ImageMirrorSpec {
     /// Where images are read from.
@@ -56,20 +62,26 @@ pub struct ImageMirrorSpec {
     /// `include`/`semver`.
     #[serde(default, skip_serializing_if = "TagSelector::is_empty")]
     pub tags: TagSelector,
-    /// Manifests pinned by digest (`sha256:<64 hex>`), copied by digest without a tag.
+    /// Manifests pinned by digest (`sha256:<64 hex>`), copied by digest without a tag. At most
+    /// 1000.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(inner(regex(pattern = r"^sha256:[a-f0-9]{64}$")))]
+    #[schemars(length(max = limits::DIGESTS), inner(regex(pattern = DIGEST_PATTERN)))]
     pub digests: Vec<String>,
     /// Platforms to keep from multi-platform indexes, as `os/arch` or `os/arch/variant`
-    /// (e.g. `linux/amd64`, `linux/arm/v7`). Empty: all platforms, and indexes are copied
-    /// byte-identical. When set, the destination gets a new index with only these platforms.
+    /// (e.g. `linux/amd64`, `linux/arm/v7`); at most 64. Empty: all platforms, and indexes are
+    /// copied byte-identical. When set, the destination gets a new index with only these
+    /// platforms, annotated with the source index it was built from.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(inner(regex(pattern = r"^[a-z0-9]+/[a-z0-9_]+(/[a-z0-9.]+)?$")))]
+    #[schemars(
+        length(max = limits::PLATFORMS),
+        inner(length(max = limits::PLATFORM), regex(pattern = PLATFORM_PATTERN))
+    )]
     pub platforms: Vec<String>,
-    /// Resync period, a duration like `30m`, `1h` or `1h30m`. Each resync re-resolves moving
-    /// tags. Default `1h`.
+    /// Resync period, a duration like `30m`, `1h` or `1h30m` (units `ms`, `s`, `m`, `h`),
+    /// between 30s and 8760h (one year). Each resync re-resolves moving tags. Default `1h`.
     #[serde(default = "default_interval")]
-    #[schemars(regex(pattern = r"^([0-9]+(\.[0-9]+)?(ms|s|m|h))+$"))]
+    #[schemars(length(max = limits::INTERVAL), regex(pattern = INTERVAL_PATTERN))]
+    #[x_kube(validation = Rule::new(INTERVAL_RULE).message(INTERVAL_MESSAGE))]
     pub interval: String,
     /// When false, a destination tag that already points at other content is never moved
     /// (the tag is reported as Failed with reason TagConflict). Default true.
@@ -89,12 +101,14 @@ pub struct ImageMirrorSpec {
 #[serde(rename_all = "camelCase")]
 pub struct RepositorySpec {
     /// Repository by the docker reference rules, without tag or digest:
-    /// `nginx` is `docker.io/library/nginx`; `registry.internal:5000/mirror/nginx`.
-    #[schemars(length(min = 1))]
+    /// `nginx` is `docker.io/library/nginx`; `registry.internal:5000/mirror/nginx`. At most 512
+    /// characters.
+    #[schemars(length(min = 1, max = limits::REPOSITORY))]
     pub repository: String,
     /// Name of a `kubernetes.io/dockerconfigjson` Secret in the same namespace with credentials
     /// for this registry. Unset: anonymous access.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = limits::SECRET_NAME), regex(pattern = SECRET_NAME_PATTERN))]
     pub credentials_secret: Option<String>,
     /// Talk plain `http://` instead of `https://`. Default false.
     #[serde(default, rename = "plainHTTP")]
@@ -105,6 +119,7 @@ pub struct RepositorySpec {
     /// Name of a Secret in the same namespace whose `ca.crt` key holds PEM certificates to trust
     /// for this registry, for private CAs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = limits::SECRET_NAME), regex(pattern = SECRET_NAME_PATTERN))]
     pub ca_secret: Option<String>,
 }
 
@@ -112,23 +127,39 @@ pub struct RepositorySpec {
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
 #[serde(rename_all = "camelCase")]
 pub struct TagSelector {
-    /// Exact tag names. A listed tag missing from the source is reported as Failed (NotFound).
+    /// Exact tag names (at most 1000). A listed tag missing from the source is reported as
+    /// Failed (NotFound).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(
+        length(max = limits::TAG_NAMES),
+        inner(length(max = limits::TAG), regex(pattern = TAG_PATTERN))
+    )]
     pub names: Vec<String>,
-    /// Glob patterns (`*`, `?`, `[abc]`) selecting source tags, e.g. `1.27.*`.
+    /// Glob patterns (`*`, `?`, `[abc]`) selecting source tags, e.g. `1.27.*`. At most 100.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(
+        length(max = limits::PATTERNS),
+        inner(length(min = 1, max = limits::PATTERN))
+    )]
     pub include: Vec<String>,
     /// Glob patterns removing tags selected by `names`, `include` or `semver`, e.g. `*-rc*`.
+    /// At most 100.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(
+        length(max = limits::PATTERNS),
+        inner(length(min = 1, max = limits::PATTERN))
+    )]
     pub exclude: Vec<String>,
     /// A semver range such as `>=1.25.0, <2`. Tags are parsed leniently (`v1.2`, `1.2`, `1`);
     /// tags that do not parse are not selected by this rule.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = limits::SEMVER))]
     pub semver: Option<String>,
     /// Keep only the newest N (semver order) of the tags selected by `include`/`semver`, after
-    /// `exclude`; tags that are not versions sort oldest. `names` are not counted. At least 1.
+    /// `exclude`; tags that are not versions sort oldest. `names` are not counted. Between 1
+    /// and 10000.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(range(min = 1))]
+    #[schemars(range(min = 1, max = limits::LATEST))]
     pub latest: Option<u32>,
 }
 
@@ -140,6 +171,22 @@ impl TagSelector {
             && self.exclude.is_empty()
             && self.semver.is_none()
             && self.latest.is_none()
+    }
+}
+
+/// Kubernetes knows the integer formats `int32` and `int64` only; `kubectl apply` warns about
+/// the `uint32`/`uint64` that schemars writes for unsigned fields. Each becomes the signed
+/// format that holds the values the API admits (bounds come from `minimum`/`maximum`).
+pub(crate) fn signed_integer_formats(schema: &mut Schema) {
+    schemars::transform::transform_subschemas(&mut signed_integer_formats, schema);
+    let signed = match schema.get("format").and_then(|f| f.as_str()) {
+        Some("uint8" | "uint16" | "int8" | "int16" | "uint32") => "int32",
+        Some("uint64" | "uint" | "uint128" | "int128" | "int") => "int64",
+        _ => return,
+    };
+    schema.insert("format".into(), signed.into());
+    if schema.get("minimum").is_none() {
+        schema.insert("minimum".into(), 0.into());
     }
 }
 

@@ -3,6 +3,8 @@
 use kube::KubeSchema;
 use serde::{Deserialize, Serialize};
 
+use super::validation::limits;
+
 /// Copy the artifacts that refer to the mirrored manifests: signatures, attestations and SBOMs.
 /// Discovered, for every manifest copied (each tag's manifest or index, each kept child of an
 /// index, each pinned digest), through the OCI 1.1 referrers API, else the referrers tag schema
@@ -22,7 +24,10 @@ pub struct ReferrersSpec {
     /// `application/vnd.dev.cosign.simplesigning.v1+json` for cosign signatures), at every
     /// level. Empty: all types.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(length(max = 32), inner(length(min = 1, max = 255)))]
+    #[schemars(
+        length(max = limits::ARTIFACT_TYPES),
+        inner(length(min = 1, max = limits::ARTIFACT_TYPE))
+    )]
     pub artifact_types: Vec<String>,
 }
 

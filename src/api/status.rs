@@ -40,6 +40,7 @@ pub mod condition_reasons {
 
 /// Observed state of an `ImageMirror`.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[schemars(transform = super::signed_integer_formats)]
 #[serde(rename_all = "camelCase")]
 pub struct ImageMirrorStatus {
     /// The `metadata.generation` this status describes.

@@ -3,6 +3,7 @@
 
 mod output;
 mod progress;
+pub mod strict;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -36,6 +37,9 @@ pub struct MirrorOptions {
     pub engine: EngineConfig,
     /// Summary format.
     pub output: OutputFormat,
+    /// Unknown fields in the YAML are warnings instead of errors (wrong types and invalid
+    /// values are errors either way).
+    pub lenient: bool,
 }
 
 /// Errors that stop the command before any copy starts.
@@ -48,13 +52,18 @@ pub enum CliError {
         #[source]
         source: std::io::Error,
     },
-    /// A document is not an ImageMirror.
-    #[error("{path}, document {index}: {detail}")]
+    /// A document is not an ImageMirror, or not a valid one. `name` is ` (namespace/name)`
+    /// when the document has one, else empty.
+    #[error("{path}, document {index}{name}: {detail}")]
     Document {
         path: String,
         index: usize,
+        name: String,
         detail: String,
     },
+    /// Several documents are invalid; each is listed.
+    #[error("{}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n"))]
+    Invalid(Vec<CliError>),
     /// The auth file is unusable.
     #[error("auth file {path}: {detail}")]
     Auth { path: String, detail: String },
@@ -83,34 +92,90 @@ impl MirrorOutcome {
     }
 }
 
-/// Reads every ImageMirror from a multi-document YAML text.
+/// Reads every ImageMirror from a multi-document YAML text and validates it as the API server
+/// would (unknown fields, types, the CRD's rules), so the CLI accepts what `kubectl apply`
+/// accepts. Every invalid document is reported, each by its position and name.
 pub fn parse_documents(path: &str, text: &str) -> Result<Vec<ImageMirror>, CliError> {
+    parse_documents_with(path, text, false)
+}
+
+/// [`parse_documents`]; `lenient` turns unknown fields into warnings.
+pub fn parse_documents_with(
+    path: &str,
+    text: &str,
+    lenient: bool,
+) -> Result<Vec<ImageMirror>, CliError> {
     let mut out = Vec::new();
+    let mut errors = Vec::new();
     for (index, doc) in serde_yaml::Deserializer::from_str(text).enumerate() {
-        let doc_err = |detail: String| CliError::Document {
-            path: path.to_string(),
-            index: index + 1,
-            detail,
-        };
-        let value = serde_yaml::Value::deserialize(doc).map_err(|e| doc_err(e.to_string()))?;
-        if value.is_null() {
+        match parse_one(path, index + 1, doc, lenient) {
+            Ok(Some(m)) => out.push(m),
+            Ok(None) => {}
+            Err(e) => errors.push(e),
+        }
+    }
+    match errors.len() {
+        0 => Ok(out),
+        1 => Err(errors.remove(0)),
+        _ => Err(CliError::Invalid(errors)),
+    }
+}
+
+fn parse_one(
+    path: &str,
+    index: usize,
+    doc: serde_yaml::Deserializer<'_>,
+    lenient: bool,
+) -> Result<Option<ImageMirror>, CliError> {
+    let mut name = String::new();
+    let doc_err = |name: &str, detail: String| CliError::Document {
+        path: path.to_string(),
+        index,
+        name: name.to_string(),
+        detail,
+    };
+    let value = serde_yaml::Value::deserialize(doc).map_err(|e| doc_err("", e.to_string()))?;
+    if value.is_null() {
+        return Ok(None);
+    }
+    let kind = value.get("kind").and_then(|k| k.as_str()).unwrap_or("");
+    let api = value
+        .get("apiVersion")
+        .and_then(|k| k.as_str())
+        .unwrap_or("");
+    if kind != "ImageMirror" || api != "imagemirror.dev/v1alpha1" {
+        return Err(doc_err(
+            "",
+            format!(
+                "expected apiVersion imagemirror.dev/v1alpha1 and kind ImageMirror, found {api:?} {kind:?}"
+            ),
+        ));
+    }
+    let meta = |key: &str| {
+        value
+            .get("metadata")
+            .and_then(|m| m.get(key))
+            .and_then(|v| v.as_str())
+    };
+    if let Some(n) = meta("name") {
+        name = format!(" ({}/{n})", meta("namespace").unwrap_or("default"));
+    }
+    for problem in strict::check(&value) {
+        if problem.unknown && lenient {
+            tracing::warn!(file = path, document = index, field = %problem.field, "ignoring unknown field (--lenient)");
             continue;
         }
-        let kind = value.get("kind").and_then(|k| k.as_str()).unwrap_or("");
-        let api = value
-            .get("apiVersion")
-            .and_then(|k| k.as_str())
-            .unwrap_or("");
-        if kind != "ImageMirror" || api != "imagemirror.dev/v1alpha1" {
-            return Err(doc_err(format!(
-                "expected apiVersion imagemirror.dev/v1alpha1 and kind ImageMirror, found {api:?} {kind:?}"
-            )));
-        }
-        let mirror: ImageMirror =
-            serde_yaml::from_value(value).map_err(|e| doc_err(e.to_string()))?;
-        out.push(mirror);
+        let hint = if problem.unknown {
+            "; --lenient ignores unknown fields"
+        } else {
+            ""
+        };
+        return Err(doc_err(&name, format!("{problem}{hint}")));
     }
-    Ok(out)
+    let mirror: ImageMirror =
+        serde_yaml::from_value(value).map_err(|e| doc_err(&name, e.to_string()))?;
+    mirror::validate(&mirror.spec).map_err(|e| doc_err(&name, e.to_string()))?;
+    Ok(Some(mirror))
 }
 
 fn default_auth_file() -> Option<PathBuf> {
@@ -165,7 +230,7 @@ pub async fn run_mirror(
             path: path.clone(),
             source,
         })?;
-        mirrors.extend(parse_documents(&path, &text)?);
+        mirrors.extend(parse_documents_with(&path, &text, opts.lenient)?);
     }
     if mirrors.is_empty() {
         let names: Vec<String> = opts.files.iter().map(|f| f.display().to_string()).collect();

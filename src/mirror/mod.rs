@@ -15,14 +15,20 @@ pub use copy::{Counters, Endpoint, ItemOutcome, ItemResult, MirrorError, MirrorJ
 pub use plan::{Item, Plan, PlanError};
 pub use referrers::{ReferrerError, ReferrersOptions, ReferrersOutcome};
 
+use crate::api::validation::{self, FieldError, validate_spec};
 use crate::api::{ImageMirrorSpec, Progress};
 use crate::registry::manifest::ALL_TAG_PAGES;
 use crate::registry::{RegistryError, Repository};
 use crate::transfer::{Engine, ProgressSink};
 
+pub use crate::api::validation::parse_duration;
+
 /// Why a spec cannot be acted on, naming the field.
 #[derive(Clone, Debug, thiserror::Error)]
 pub enum SpecError {
+    /// A field breaks one of the CRD's rules (the API server would have refused it).
+    #[error(transparent)]
+    Field(#[from] FieldError),
     /// `source.repository` or `destination.repository` does not parse.
     #[error("spec.{field}.repository: {source}")]
     Repository {
@@ -30,12 +36,6 @@ pub enum SpecError {
         #[source]
         source: RegistryError,
     },
-    /// `interval` is not a duration.
-    #[error("spec.interval: {0:?} is not a duration like 30m or 1h")]
-    Interval(String),
-    /// A platform that is not `os/arch[/variant]`.
-    #[error("spec.platforms: {0:?} is not os/arch or os/arch/variant")]
-    Platform(String),
     /// The tag selection does not parse.
     #[error(transparent)]
     Plan(#[from] PlanError),
@@ -48,12 +48,16 @@ pub struct ValidSpec {
     pub source: Repository,
     /// Parsed destination repository.
     pub destination: Repository,
-    /// Parsed resync interval.
+    /// Parsed resync interval, within the CRD's bounds.
     pub interval: Duration,
 }
 
-/// Checks everything that can be checked without IO.
+/// Checks everything that can be checked without IO: first the CRD's own rules
+/// ([`validate_spec`], the one implementation the CLI and the controller share), then what only
+/// code can check (references, globs, semver ranges).
 pub fn validate(spec: &ImageMirrorSpec) -> Result<ValidSpec, SpecError> {
+    validate_spec(spec)?;
+    let interval = validation::interval(&spec.interval)?;
     let source =
         Repository::parse(&spec.source.repository).map_err(|source| SpecError::Repository {
             field: "source",
@@ -65,48 +69,12 @@ pub fn validate(spec: &ImageMirrorSpec) -> Result<ValidSpec, SpecError> {
             source,
         }
     })?;
-    let interval =
-        parse_duration(&spec.interval).ok_or_else(|| SpecError::Interval(spec.interval.clone()))?;
-    for p in &spec.platforms {
-        let parts: Vec<&str> = p.split('/').collect();
-        if !(2..=3).contains(&parts.len()) || parts.iter().any(|s| s.is_empty()) {
-            return Err(SpecError::Platform(p.clone()));
-        }
-    }
     plan::validate(spec)?;
     Ok(ValidSpec {
         source,
         destination,
         interval,
     })
-}
-
-/// Parses Go-style durations as Kubernetes users write them: `30s`, `5m`, `1h30m`, `1.5h`,
-/// `500ms`. Zero is refused.
-pub fn parse_duration(s: &str) -> Option<Duration> {
-    let mut total = 0f64;
-    let mut rest = s.trim();
-    if rest.is_empty() {
-        return None;
-    }
-    while !rest.is_empty() {
-        let num_end = rest.find(|c: char| !(c.is_ascii_digit() || c == '.'))?;
-        let value: f64 = rest[..num_end].parse().ok()?;
-        rest = &rest[num_end..];
-        let unit_end = rest
-            .find(|c: char| c.is_ascii_digit() || c == '.')
-            .unwrap_or(rest.len());
-        let secs = match &rest[..unit_end] {
-            "ms" => 0.001,
-            "s" => 1.0,
-            "m" => 60.0,
-            "h" => 3600.0,
-            _ => return None,
-        };
-        total += value * secs;
-        rest = &rest[unit_end..];
-    }
-    (total > 0.0 && total.is_finite()).then(|| Duration::from_secs_f64(total))
 }
 
 /// Why a whole sync (not one item) failed.
@@ -207,21 +175,5 @@ pub fn snapshot(c: &Counters) -> Progress {
         blobs_mounted: c.blobs_mounted.load(Ordering::Relaxed),
         bytes_total: c.bytes_total.load(Ordering::Relaxed),
         bytes_done: c.bytes_done.load(Ordering::Relaxed),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn durations() {
-        assert_eq!(parse_duration("1h"), Some(Duration::from_secs(3600)));
-        assert_eq!(parse_duration("1h30m"), Some(Duration::from_secs(5400)));
-        assert_eq!(parse_duration("1.5h"), Some(Duration::from_secs(5400)));
-        assert_eq!(parse_duration("500ms"), Some(Duration::from_millis(500)));
-        for bad in ["", "0s", "1d", "h", "5", "-1h"] {
-            assert_eq!(parse_duration(bad), None, "{bad}");
-        }
     }
 }

@@ -293,7 +293,8 @@ async fn an_uneventful_resync_writes_status_once_and_copies_nothing() {
         &ns,
         src.host(),
         dst.host(),
-        "  tags:\n    names: [v1]\n  interval: 2s\n",
+        // The shortest interval the CRD admits.
+        "  tags:\n    names: [v1]\n  interval: 30s\n",
     );
     cluster.apply_imagemirror(&yaml).await;
     let first = cluster.wait_for(&ns, "app", WAIT, ready).await;

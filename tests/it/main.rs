@@ -12,3 +12,4 @@ mod memory;
 mod referrers;
 mod resume;
 mod support;
+mod validation;

@@ -16,18 +16,30 @@ type CelFn = fn(&Value) -> bool;
 
 /// The CEL rules of the ImageMirror CRD, each with the Rust the double evaluates instead. A
 /// conformance test fails when the CRD gains a rule that is not listed here.
-pub const CEL_RULES: &[(&str, CelFn)] = &[(
-    "(has(self.tags) && ((has(self.tags.names) && size(self.tags.names) > 0) || (has(self.tags.include) && size(self.tags.include) > 0) || has(self.tags.semver))) || (has(self.digests) && size(self.digests) > 0)",
-    |spec| {
-        let non_empty = |v: &Value| v.as_array().is_some_and(|a| !a.is_empty());
-        let tags = &spec["tags"];
-        (tags.is_object()
-            && (non_empty(&tags["names"])
-                || non_empty(&tags["include"])
-                || !tags["semver"].is_null()))
-            || non_empty(&spec["digests"])
-    },
-)];
+pub const CEL_RULES: &[(&str, CelFn)] = &[
+    (
+        "(has(self.tags) && ((has(self.tags.names) && size(self.tags.names) > 0) || (has(self.tags.include) && size(self.tags.include) > 0) || has(self.tags.semver))) || (has(self.digests) && size(self.digests) > 0)",
+        |spec| {
+            let non_empty = |v: &Value| v.as_array().is_some_and(|a| !a.is_empty());
+            let tags = &spec["tags"];
+            (tags.is_object()
+                && (non_empty(&tags["names"])
+                    || non_empty(&tags["include"])
+                    || !tags["semver"].is_null()))
+                || non_empty(&spec["digests"])
+        },
+    ),
+    (
+        "duration(self) >= duration('30s') && duration(self) <= duration('8760h')",
+        |interval| {
+            use imagemirror::api::validation::{MAX_INTERVAL, MIN_INTERVAL};
+            interval
+                .as_str()
+                .and_then(imagemirror::mirror::parse_duration)
+                .is_some_and(|d| (MIN_INTERVAL..=MAX_INTERVAL).contains(&d))
+        },
+    ),
+];
 
 /// Every `x-kubernetes-validations` rule in a schema.
 pub fn cel_rules(schema: &Value, out: &mut Vec<String>) {
