@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use futures_util::future::BoxFuture;
 use futures_util::{FutureExt, StreamExt, TryStreamExt};
 
+use super::filtered;
 use super::plan::Item;
 use super::referrers::{self, ReferrerError, ReferrersOptions, ReferrersOutcome, Top};
 use crate::registry::manifest::is_index;
@@ -294,6 +295,15 @@ impl Ctx<'_> {
                 out.destination_digest = dst_digest;
                 return Ok(ItemOutcome::UpToDate);
             }
+            if let (true, Some(d)) = (filtering, &dst_digest)
+                && let Some(was_filtered) = self
+                    .filtered_up_to_date(&head, d, top.media_type.as_deref())
+                    .await
+            {
+                top.filtered = was_filtered;
+                out.destination_digest = dst_digest;
+                return Ok(ItemOutcome::UpToDate);
+            }
             if let Some(d) = &out.source_digest {
                 source_ref = d;
             }
@@ -308,7 +318,13 @@ impl Ctx<'_> {
         out.source_digest = Some(manifest.digest.clone());
         let manifest = if filtering && is_index(&manifest.media_type) {
             top.filtered = true;
-            manifest.filter_platforms(&format!("{}:{reference}", src.repo), &self.job.platforms)?
+            let what = format!("{}:{reference}", src.repo);
+            let from = filtered::Provenance {
+                source_digest: manifest.digest.clone(),
+                platforms: filtered::platforms_key(&self.job.platforms),
+            };
+            let kept = manifest.filter_platforms(&what, &self.job.platforms)?;
+            filtered::annotate(kept, &what, &from)?
         } else {
             manifest
         };

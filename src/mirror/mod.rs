@@ -3,6 +3,7 @@
 
 mod clients;
 mod copy;
+pub mod filtered;
 pub mod plan;
 mod referrers;
 

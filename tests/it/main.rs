@@ -9,6 +9,7 @@ mod faults;
 mod kube_api;
 mod layout;
 mod memory;
+mod platforms;
 mod referrers;
 mod resume;
 mod support;
