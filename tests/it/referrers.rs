@@ -6,7 +6,10 @@ use crate::support::artifacts::{
     Artifact, IN_TOTO, NOTATION, SPDX, attach, cosign_signature, fallback_tag, listed_digests,
     push_fallback_index,
 };
+use std::sync::atomic::Ordering;
+
 use crate::support::image::Pushed;
+use crate::support::proxy::FaultProxy;
 use crate::support::{Flavor, Seeder, TestRegistry, mirror_cli, mirror_doc};
 
 /// An image with everything real tools attach to it.
@@ -228,5 +231,188 @@ async fn a_foreign_referrer_in_the_destination_index_is_kept() {
     };
     assert_eq!(entry(&index), entry(&before));
     d.assert_copy_of("app", &foreign.pushed.digest, &foreign.pushed)
+        .await;
+}
+
+/// The tags of `repo`, asked of the registry directly.
+async fn tags(host: &str, repo: &str) -> Vec<String> {
+    let list: serde_json::Value = reqwest::get(format!("http://{host}/v2/{repo}/tags/list"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    list["tags"]
+        .as_array()
+        .map(|t| t.iter().map(|t| t.as_str().unwrap().to_string()).collect())
+        .unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_referrers_api_is_used_where_served_as_emulated_by_the_proxy() {
+    // No registry serving the referrers API can be installed here: the proxies EMULATE it in
+    // front of distribution 2.8, answering `/v2/<name>/referrers/<digest>` from their own
+    // record of the manifests pushed through them with a `subject`, and answering those pushes
+    // with `OCI-Subject`.
+    let (src, dst, dst2) = (
+        TestRegistry::start(),
+        TestRegistry::start(),
+        TestRegistry::start(),
+    );
+    let sp = FaultProxy::start(src.host()).await;
+    let dp = FaultProxy::start(dst.host()).await;
+    let dp2 = FaultProxy::start(dst2.host()).await;
+    for p in [&sp, &dp, &dp2] {
+        p.faults.referrers_api.enabled.store(true, Ordering::SeqCst);
+    }
+    let s = Seeder::new(sp.host());
+    let image = s
+        .push_image("app", Some("v1"), 43, &[10_000], Flavor::Oci)
+        .await;
+    let sbom = attach(&s, "app", &image, SPDX, br#"{"spdxVersion":"SPDX-2.3"}"#).await;
+    let attestation = attach(&s, "app", &image, IN_TOTO, br#"{"_type":"in-toto"}"#).await;
+    let sbom_sig = attach(&s, "app", &sbom.pushed, NOTATION, b"notation signature").await;
+    // Only the API knows them: the source has no fallback tags.
+    assert!(tags(src.host(), "app").await.iter().all(|t| t == "v1"));
+
+    let dir = tempfile::tempdir().unwrap();
+    let rows = mirror_json(dir.path(), &doc(sp.host(), dp.host(), ALL));
+    assert_eq!(rows[0]["referrers"], 3, "{rows:?}");
+    let d = Seeder::new(dst.host());
+    for art in [&sbom, &attestation, &sbom_sig] {
+        d.assert_copy_of("app", &art.pushed.digest, &art.pushed)
+            .await;
+    }
+    let mut listed = dp.faults.referrers_api.listed("app", &image.digest);
+    listed.sort();
+    let mut direct = vec![
+        sbom.pushed.digest.clone(),
+        attestation.pushed.digest.clone(),
+    ];
+    direct.sort();
+    assert_eq!(
+        listed, direct,
+        "the destination indexed both direct referrers"
+    );
+    assert_eq!(
+        dp.faults.referrers_api.listed("app", &sbom.pushed.digest),
+        vec![sbom_sig.pushed.digest.clone()]
+    );
+    // The destination answered OCI-Subject: no fallback tag was written there, and the source
+    // was asked through the API, never for a fallback tag.
+    assert_eq!(tags(dst.host(), "app").await, ["v1"]);
+    assert!(
+        !src.requests()
+            .iter()
+            .any(|r| r.contains("/manifests/sha256-")),
+        "{:?}",
+        src.requests()
+    );
+
+    // With one artifact type asked for, the registry filters (OCI-Filters-Applied).
+    let only_sbom = format!("  referrers:\n    enabled: true\n    artifactTypes: [{SPDX}]\n");
+    let rows = mirror_json(dir.path(), &doc(sp.host(), dp2.host(), &only_sbom));
+    assert_eq!(rows[0]["referrers"], 1, "{rows:?}");
+    assert_eq!(
+        dp2.faults.referrers_api.listed("app", &image.digest),
+        vec![sbom.pushed.digest.clone()]
+    );
+    let asked = sp.faults.referrers_api.answered.lock().unwrap().clone();
+    assert!(
+        asked
+            .iter()
+            .any(|q| q.contains(&image.digest)
+                && q.contains("artifactType=application%2Fspdx%2Bjson")),
+        "{asked:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_referrer_that_cannot_be_copied_fails_the_tag_naming_its_digest_and_type() {
+    let (src, dst) = (TestRegistry::start(), TestRegistry::start());
+    let s = Seeder::new(src.host());
+    let image = s
+        .push_image("app", Some("v1"), 44, &[5_000], Flavor::Oci)
+        .await;
+    let attestation = attach(&s, "app", &image, IN_TOTO, b"{}").await;
+    let missing = attach(&s, "app", &image, SPDX, br#"{"spdxVersion":"SPDX-2.3"}"#).await;
+    push_fallback_index(&s, "app", &image.digest, &[&attestation, &missing]).await;
+    // The index lists a referrer the source no longer has (deleted after it was listed).
+    let deleted = reqwest::Client::new()
+        .delete(format!(
+            "http://{}/v2/app/manifests/{}",
+            src.host(),
+            missing.pushed.digest
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(deleted.status(), 202);
+    let dir = tempfile::tempdir().unwrap();
+    let (code, stdout, stderr) = mirror_cli(
+        dir.path(),
+        &doc(src.host(), dst.host(), ALL),
+        &["--output", "json"],
+    );
+    assert_eq!(code, 1, "{stdout}\n{stderr}");
+    let rows: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    let row = &rows[0];
+    assert_eq!(row["state"], "Failed", "{row}");
+    assert_eq!(row["reason"], "ReferrerFailed", "{row}");
+    let message = row["message"].as_str().unwrap();
+    assert!(
+        message.contains(&missing.pushed.digest) && message.contains(SPDX),
+        "{message}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_platforms_filtered_the_kept_children_keep_their_signatures_and_the_index_loses_its() {
+    let (src, dst) = (TestRegistry::start(), TestRegistry::start());
+    let s = Seeder::new(src.host());
+    let (index, children) = s
+        .push_index(
+            "app",
+            "v1",
+            45,
+            &["linux/amd64", "linux/arm64"],
+            Flavor::Oci,
+        )
+        .await;
+    let reference = format!("{}/app", src.host());
+    let (_, index_sig) = cosign_signature(&s, "app", &reference, &index).await;
+    let (amd64_sig, amd64_sig_tag) = cosign_signature(&s, "app", &reference, &children[0]).await;
+    let (_, arm64_sig) = cosign_signature(&s, "app", &reference, &children[1]).await;
+    // A pinned digest brings its referrers too.
+    let (pinned, _) = s
+        .push_index("app", "other", 46, &["linux/amd64"], Flavor::Oci)
+        .await;
+    let pinned_sbom = attach(&s, "app", &pinned, SPDX, b"{}").await;
+    push_fallback_index(&s, "app", &pinned.digest, &[&pinned_sbom]).await;
+
+    let dir = tempfile::tempdir().unwrap();
+    let spec = format!(
+        "  tags:\n    names: [v1]\n  digests: [\"{}\"]\n  platforms: [linux/amd64]\n{ALL}",
+        pinned.digest
+    );
+    let rows = mirror_json(
+        dir.path(),
+        &mirror_doc("app", src.host(), "app", dst.host(), "app", &spec),
+    );
+    let v1 = rows.iter().find(|r| r["item"] == "v1").unwrap();
+    assert_eq!(v1["referrers"], 1, "{v1}");
+    let note = v1["message"].as_str().unwrap_or_default();
+    assert!(
+        note.contains("do not apply") && note.contains(&index.digest),
+        "the status message says the index's signatures stay behind: {v1}"
+    );
+    let d = Seeder::new(dst.host());
+    d.assert_copy_of("app", &amd64_sig_tag, &amd64_sig).await;
+    for absent in [&index_sig, &arm64_sig] {
+        assert!(d.get_manifest("app", absent).await.is_none(), "{absent}");
+    }
+    let pinned_row = rows.iter().find(|r| r["item"] == pinned.digest).unwrap();
+    assert_eq!(pinned_row["referrers"], 1, "{pinned_row}");
+    d.assert_copy_of("app", &pinned_sbom.pushed.digest, &pinned_sbom.pushed)
         .await;
 }

@@ -5,6 +5,7 @@ pub mod cut;
 pub mod image;
 pub mod kube_api;
 pub mod proxy;
+pub mod referrers_api;
 pub mod registry;
 pub mod tls;
 pub mod token;

@@ -52,6 +52,8 @@ pub struct Faults {
     pub upload_bytes_forwarded: AtomicU64,
     /// Upload body bytes read from clients and never forwarded (cut or refused PATCHes).
     pub upload_bytes_dropped: AtomicU64,
+    /// An emulation of the OCI 1.1 referrers API (off unless enabled).
+    pub referrers_api: super::referrers_api::ReferrersApi,
 }
 
 /// A running proxy; stops when dropped.
@@ -130,6 +132,12 @@ async fn forward(
     req: Request,
 ) -> Response {
     let f = &ctx.faults;
+    let req = match super::referrers_api::intercept(&f.referrers_api, &ctx.http, &ctx.upstream, req)
+        .await
+    {
+        Ok(answer) => return answer,
+        Err(req) => req,
+    };
     if take(&f.unavailable) {
         return status(503, None);
     }
