@@ -66,7 +66,7 @@ pub async fn intercept(
         let wanted = query
             .split('&')
             .find_map(|kv| kv.strip_prefix("artifactType="))
-            .map(|t| urlencoding_decode(t));
+            .map(urlencoding_decode);
         let key = (repo.to_string(), subject.to_string());
         let entries: Vec<Value> = api
             .record
