@@ -12,6 +12,7 @@
 #   --fail-fast      stop at the first failed run (default: report every failure, exit 1 at the end)
 #   --im-arg ARG     pass ARG to `imagemirror mirror` (repeatable), e.g. --im-arg=--concurrency=4
 #   --bin PATH       use this imagemirror binary instead of building the release one (smoke tests)
+#   --referrers      imagemirror runs with spec.referrers.enabled (skopeo sync copies no referrers)
 #
 # Builds `imagemirror` (release), starts a source registry (CNCF distribution) on a free port on
 # 127.0.0.1, seeds it with a deterministic data set through the registry API, then for every
@@ -29,7 +30,7 @@ cd "$REPO_DIR"
 
 usage() { sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'; }
 
-quick=0 runs=3 keep=0 fail_fast=0 out="$REPO_DIR/target/bench" bin=""
+quick=0 runs=3 keep=0 fail_fast=0 referrers=0 out="$REPO_DIR/target/bench" bin=""
 scenarios=() im_args=()
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -42,6 +43,7 @@ while [ $# -gt 0 ]; do
     --out=*) out="${1#*=}" ;;
     --keep) keep=1 ;;
     --fail-fast) fail_fast=1 ;;
+    --referrers) referrers=1 ;;
     --im-arg) im_args+=("${2:?--im-arg needs a value}"); shift ;;
     --im-arg=*) im_args+=("${1#*=}") ;;
     --bin) bin="${2:?--bin needs a path}"; shift ;;
@@ -72,10 +74,12 @@ pyargs=(--bin "$BIN" --work "$WORK" --out "$out" --runs "$runs")
 [ "$quick" = 1 ] && pyargs+=(--quick)
 [ "$keep" = 1 ] && pyargs+=(--keep-dest)
 [ "$fail_fast" = 1 ] && pyargs+=(--fail-fast)
+[ "$referrers" = 1 ] && pyargs+=(--referrers)
 for s in "${scenarios[@]}"; do pyargs+=(--scenario "$s"); done
 cmdline="scripts/bench.sh"
 [ "$quick" = 1 ] && cmdline+=" --quick"
 [ "$quick" = 1 ] || cmdline+=" --runs $runs"
+[ "$referrers" = 1 ] && cmdline+=" --referrers"
 for s in "${scenarios[@]}"; do cmdline+=" --scenario $s"; done
 for a in "${im_args[@]}"; do pyargs+=("--im-arg=$a"); cmdline+=" --im-arg=$a"; done
 pyargs+=(--command "$cmdline")

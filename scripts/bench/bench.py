@@ -58,7 +58,8 @@ def parse_time_v(path):
     return out
 
 
-def write_imagemirror_yaml(path, scenario, src, dst):
+def write_imagemirror_yaml(path, scenario, src, dst, referrers=False):
+    extra = "  referrers:\n    enabled: true\n" if referrers else ""
     docs = []
     for repo, tags in scenario.repos.items():
         name = re.sub(r"[^a-z0-9-]", "-", repo.lower())
@@ -77,7 +78,7 @@ spec:
     plainHTTP: true
   tags:
     names: [{names}]
-""")
+{extra}""")
     with open(path, "w") as f:
         f.write("---\n".join(docs))
 
@@ -120,7 +121,7 @@ class Runner:
         env = dict(os.environ)
         if tool == "imagemirror":
             yaml = os.path.join(rdir, "mirrors.yaml")
-            write_imagemirror_yaml(yaml, scenario, src, dst)
+            write_imagemirror_yaml(yaml, scenario, src, dst, self.args.referrers)
             cmd = [self.args.bin, "mirror", "-f", yaml] + self.args.im_arg
             env.setdefault("IMAGEMIRROR_LOG_LEVEL", "warn")
             env["DOCKER_CONFIG"] = rdir  # no credentials file: anonymous
@@ -191,6 +192,7 @@ def main():
     ap.add_argument("--command", default="scripts/bench.sh")
     ap.add_argument("--keep-dest", action="store_true", help="keep destination registry data")
     ap.add_argument("--fail-fast", action="store_true", help="stop at the first failed run")
+    ap.add_argument("--referrers", action="store_true", help="imagemirror with spec.referrers.enabled")
     ap.add_argument("--im-arg", action="append", default=[], help="extra `imagemirror mirror` argument")
     args = ap.parse_args()
 

@@ -236,8 +236,15 @@ impl Ctx<'_> {
             top = Top::default();
             out.result = self.copy_item_inner(item, &mut out, &mut top).await;
         }
-        if out.result.is_ok() && self.job.referrers.is_some() {
-            match self.item_referrers(item, &out, top).await {
+        // Items that were up to date get their referrers now (copied ones got them before
+        // their tag moved).
+        if let (Ok(_), Some(digest), Some(_), None) = (
+            &out.result,
+            out.destination_digest.clone(),
+            &self.job.referrers,
+            &out.referrers,
+        ) {
+            match self.item_referrers(item, &out, &digest, &top).await {
                 Ok(r) => out.referrers = Some(r),
                 Err(e) => out.result = Err(e),
             }
@@ -342,6 +349,14 @@ impl Ctx<'_> {
             });
         }
         self.copy_children(&manifest, 0, absent).await?;
+        if self.job.referrers.is_some() {
+            // Signatures before the tag: a verifying cluster never sees the tag on an image
+            // whose signature has not arrived, and a failed referrer leaves the tag as it was.
+            out.referrers = Some(
+                self.item_referrers(item, out, &manifest.digest, top)
+                    .await?,
+            );
+        }
         let _turn = self
             .engine
             .manifest_turn(dst.registry.host(), dst.repo.path(), &manifest.digest)

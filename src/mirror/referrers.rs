@@ -23,7 +23,7 @@ use crate::api::ReferrersSpec;
 use crate::registry::digest::sha256_digest;
 use crate::registry::manifest::{OCI_INDEX, is_index};
 use crate::registry::referrers::{Referrer, fallback_tag, parse_referrers_index};
-use crate::registry::{Manifest, Parsed, RegistryError};
+use crate::registry::{Manifest, Parsed, ReferrerList, RegistryError};
 
 /// Referrers of referrers are followed this many levels below the image (image → SBOM →
 /// signature on the SBOM is 2).
@@ -113,7 +113,8 @@ pub enum ReferrerError {
     },
 }
 
-// 0: not known yet (the default).
+/// Not known yet (the default).
+const UNKNOWN: u8 = 0;
 const SERVED: u8 = 1;
 const ABSENT: u8 = 2;
 
@@ -123,6 +124,12 @@ pub(super) struct JobState {
     /// Whether each side serves the referrers API.
     source_api: AtomicU8,
     destination_api: AtomicU8,
+    /// Held while a side's first API request learns whether it serves the API, so the items
+    /// running at once do not all ask.
+    source_probe: tokio::sync::Mutex<()>,
+    destination_probe: tokio::sync::Mutex<()>,
+    /// The source's API answers that taught it, kept for their subject.
+    probe_answers: std::sync::Mutex<HashMap<String, Vec<Referrer>>>,
     /// Each side's tags; `None` inside: not known (the list failed or was too long).
     source_tags: OnceCell<Option<Arc<HashSet<String>>>>,
     destination_tags: OnceCell<Option<Arc<HashSet<String>>>>,
@@ -225,16 +232,16 @@ fn boxed(e: impl Into<MirrorError>) -> Box<MirrorError> {
 }
 
 impl Ctx<'_> {
-    /// The referrers pass for one item that was mirrored (copied or up to date).
+    /// The referrers pass for one item whose manifest at the destination is (or is about to
+    /// be, once its tag is pushed) `digest`.
     pub(super) async fn item_referrers(
         &self,
         item: &Item,
         out: &ItemResult,
-        top: Top,
+        digest: &str,
+        top: &Top,
     ) -> Result<ReferrersOutcome, MirrorError> {
-        let Some(digest) = out.destination_digest.clone() else {
-            return Ok(ReferrersOutcome::default());
-        };
+        let digest = digest.to_string();
         let mut subjects = Vec::new();
         let mut note = None;
         if top.filtered {
@@ -247,9 +254,19 @@ impl Ctx<'_> {
         } else {
             subjects.push(digest.clone());
         }
-        let index = match (top.manifest, top.media_type) {
-            (Some(m), _) => is_index(&m.media_type).then_some(m),
-            (None, Some(t)) if !is_index(&t) => None,
+        let nothing =
+            self.nothing_attached(&digest)
+                .await
+                .map_err(|e| ReferrerError::Discover {
+                    subject: format!("{}@{digest}", self.job.source.repo),
+                    cause: boxed(e),
+                })?;
+        if nothing {
+            return Ok(ReferrersOutcome { count: 0, note });
+        }
+        let index = match (&top.manifest, &top.media_type) {
+            (Some(m), _) => is_index(&m.media_type).then(|| m.clone()),
+            (None, Some(t)) if !is_index(t) => None,
             // Up to date by HEAD: the children of an index are read off the destination's copy
             // (the same bytes; destination reads cost no source pull quota).
             (None, _) => {
@@ -373,38 +390,88 @@ impl Ctx<'_> {
 
     /// The source's referrers of `subject`: the API, else the fallback tag's index.
     async fn source_referrers(&self, subject: &str) -> Result<Vec<Referrer>, RegistryError> {
-        let src = &self.source;
-        let api = &self.referrers.source_api;
+        let kept = self
+            .referrers
+            .probe_answers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(subject);
+        if let Some(list) = kept {
+            return Ok(list);
+        }
+        // Unfiltered answers are filtered by the caller; filtered ones pass through it.
+        if let Some(list) = self.api_listing(true, subject).await? {
+            return Ok(list.referrers);
+        }
+        let tags = self.tags(true).await;
+        self.fallback_index(&self.source, subject, tags.as_deref())
+            .await
+            .map(|(_, list)| list)
+    }
+
+    /// The referrers API's answer on one side; `None` when that side does not serve it (learnt
+    /// once per job: its first request is made alone, the others wait for what it learns).
+    async fn api_listing(
+        &self,
+        source: bool,
+        subject: &str,
+    ) -> Result<Option<ReferrerList>, RegistryError> {
+        let j = &self.referrers;
+        let (state, probe, side) = if source {
+            (&j.source_api, &j.source_probe, &self.source)
+        } else {
+            (&j.destination_api, &j.destination_probe, &self.destination)
+        };
+        // Only the source is asked to filter: the destination's whole list decides what it has.
         let filter = match self
             .job
             .referrers
             .as_ref()
             .map(|o| o.artifact_types.as_slice())
         {
-            Some([one]) => Some(one.as_str()),
+            Some([one]) if source => Some(one.as_str()),
             _ => None,
         };
-        if api.load(Ordering::Relaxed) != ABSENT {
-            let listed = self
-                .engine
-                .config()
-                .retry
-                .run(
-                    |_| src.registry.referrers(src.repo.path(), subject, filter),
-                    |_, _, _| {},
-                )
-                .await?;
-            if let Some(list) = listed {
-                api.store(SERVED, Ordering::Relaxed);
-                // Unfiltered answers are filtered by the caller; filtered ones pass through it.
-                return Ok(list.referrers);
-            }
-            api.store(ABSENT, Ordering::Relaxed);
+        let _probing = if state.load(Ordering::Acquire) == UNKNOWN {
+            Some(probe.lock().await)
+        } else {
+            None
+        };
+        if state.load(Ordering::Acquire) == ABSENT {
+            return Ok(None);
+        }
+        let listed = self
+            .engine
+            .config()
+            .retry
+            .run(
+                |_| side.registry.referrers(side.repo.path(), subject, filter),
+                |_, _, _| {},
+            )
+            .await?;
+        let learnt = if listed.is_some() { SERVED } else { ABSENT };
+        state.store(learnt, Ordering::Release);
+        Ok(listed)
+    }
+
+    /// True when the source is known to have nothing that could refer to any manifest: no
+    /// referrers API and no `sha256-…` tag at all (fallback or cosign). Learns whether it
+    /// serves the API by asking about `digest` when not known yet (the answer is kept).
+    async fn nothing_attached(&self, digest: &str) -> Result<bool, RegistryError> {
+        if self.referrers.source_api.load(Ordering::Acquire) == UNKNOWN
+            && let Some(list) = self.api_listing(true, digest).await?
+        {
+            self.referrers
+                .probe_answers
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(digest.to_string(), list.referrers);
+        }
+        if self.referrers.source_api.load(Ordering::Acquire) != ABSENT {
+            return Ok(false);
         }
         let tags = self.tags(true).await;
-        self.fallback_index(src, subject, tags.as_deref())
-            .await
-            .map(|(_, list)| list)
+        Ok(tags.is_some_and(|t| !t.iter().any(|t| t.starts_with("sha256-"))))
     }
 
     /// What the destination holds for `subject`.
@@ -412,29 +479,16 @@ impl Ctx<'_> {
         &self,
         subject: &str,
     ) -> Result<DestinationReferrers, RegistryError> {
-        let dst = &self.destination;
-        let api = &self.referrers.destination_api;
-        if api.load(Ordering::Relaxed) != ABSENT {
-            let listed = self
-                .engine
-                .config()
-                .retry
-                .run(
-                    |_| dst.registry.referrers(dst.repo.path(), subject, None),
-                    |_, _, _| {},
-                )
-                .await?;
-            if let Some(list) = listed {
-                api.store(SERVED, Ordering::Relaxed);
-                return Ok(DestinationReferrers {
-                    api: true,
-                    listed: list.referrers.into_iter().map(|r| r.digest).collect(),
-                });
-            }
-            api.store(ABSENT, Ordering::Relaxed);
+        if let Some(list) = self.api_listing(false, subject).await? {
+            return Ok(DestinationReferrers {
+                api: true,
+                listed: list.referrers.into_iter().map(|r| r.digest).collect(),
+            });
         }
         let tags = self.tags(false).await;
-        let (_, list) = self.fallback_index(dst, subject, tags.as_deref()).await?;
+        let (_, list) = self
+            .fallback_index(&self.destination, subject, tags.as_deref())
+            .await?;
         Ok(DestinationReferrers {
             api: false,
             listed: list.into_iter().map(|r| r.digest).collect(),

@@ -364,6 +364,14 @@ async fn a_referrer_that_cannot_be_copied_fails_the_tag_naming_its_digest_and_ty
         message.contains(&missing.pushed.digest) && message.contains(SPDX),
         "{message}"
     );
+    // Referrers go before the tag: the tag was not moved onto an image whose referrers did not
+    // all arrive.
+    assert!(
+        Seeder::new(dst.host())
+            .get_manifest("app", "v1")
+            .await
+            .is_none()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
