@@ -9,9 +9,10 @@ use super::validation::limits;
 /// Discovered, for every manifest copied (each tag's manifest or index, each kept child of an
 /// index, each pinned digest), through the OCI 1.1 referrers API, else the referrers tag schema
 /// (tag `sha256-<hex>`), plus cosign's tags `sha256-<hex>.sig`, `.att` and `.sbom`; referrers of
-/// referrers (a signature on an SBOM) are followed 3 levels deep. Cost: per sync, one tag list
-/// on each side; per manifest, one discovery request on each side (the referrers API, or a GET
-/// of the fallback tag when the tag list shows one) plus one request per cosign tag present.
+/// referrers (a signature on an SBOM) are followed 3 levels deep. Cost: per sync, one referrers
+/// API request and one tag list on the source (all it costs when the source has neither the API
+/// nor any `sha256-` tag); where anything is attached, per manifest one discovery request on
+/// each side (the referrers API, or the fallback tag) plus one per cosign tag present.
 /// When `platforms` filters an index, the rebuilt index has a new digest: signatures on the
 /// source index do not apply to it and are not copied; its children keep theirs.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
