@@ -232,6 +232,13 @@ struct MirrorArgs {
     /// Progress display: bars on a terminal and plain lines elsewhere (auto), or as chosen.
     #[arg(long, value_enum, default_value_t = ProgressMode::Auto)]
     progress: ProgressMode,
+    /// After a sync where every item succeeded, delete destination tags this command wrote
+    /// earlier that are no longer selected (as `spec.prune: true`, which also turns it on).
+    #[arg(long)]
+    prune: bool,
+    /// The prune state file (what each mirror wrote) [default: beside each YAML file, `<name>.prune-state.json`].
+    #[arg(long)]
+    state: Option<PathBuf>,
 }
 
 /// Sets up logging to stderr; with progress bars, log lines go above the bars.
@@ -284,6 +291,8 @@ fn main() -> ExitCode {
                 engine: m.engine.config(),
                 output: m.output,
                 lenient: m.lenient,
+                prune: m.prune,
+                state: m.state,
             };
             let progress = match (&bars, mode) {
                 (Some(bars), _) => bars.sink(),

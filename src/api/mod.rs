@@ -20,7 +20,8 @@ use validation::{
 };
 
 pub use status::{
-    ImageMirrorStatus, Progress, Summary, TagState, TagStatus, condition_reasons, condition_types,
+    ImageMirrorStatus, Progress, PruneStatus, Summary, TagState, TagStatus, condition_reasons,
+    condition_types,
 };
 
 /// API group of the CRD.
@@ -91,6 +92,15 @@ pub struct ImageMirrorSpec {
     /// cosign tags). Off by default.
     #[serde(default, skip_serializing_if = "ReferrersSpec::is_default")]
     pub referrers: ReferrersSpec,
+    /// When true, a destination tag that this ImageMirror wrote and that the selection no
+    /// longer selects is deleted after a sync in which every item succeeded. Only tags this
+    /// mirror copied are candidates (the controller records them in the annotation
+    /// `imagemirror.dev/prune-record`); tags pushed by anyone else, tags that moved since, pinned
+    /// `digests`, and a tag whose digest another tag still uses (on registries that delete only
+    /// by digest) are kept. A failed or partial sync, or one selecting no tag, prunes nothing.
+    /// Deleting the ImageMirror deletes no images. Default false.
+    #[serde(default)]
+    pub prune: bool,
     /// When true the controller does not sync this mirror. Default false.
     #[serde(default)]
     pub suspend: bool,

@@ -66,6 +66,28 @@ pub struct ImageMirrorStatus {
     /// Blob and byte counts of the current or last sync.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub progress: Option<Progress>,
+    /// What the last sync pruned, when `spec.prune` is true.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prune: Option<PruneStatus>,
+}
+
+/// The outcome of pruning after the last sync.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PruneStatus {
+    /// Destination tags deleted by the last sync (named in `tags` with state Pruned while they
+    /// fit).
+    pub pruned: u32,
+    /// Deselected tags this mirror wrote that were kept (state Retained in `tags`; the reason
+    /// says why, e.g. DigestShared: another tag points at the same digest on a registry that
+    /// deletes only by digest).
+    pub retained: u32,
+    /// Tags in this mirror's record of what it wrote (the `imagemirror.dev/prune-record`
+    /// annotation).
+    pub recorded: u32,
+    /// Why nothing was pruned, or what kept tags (e.g. the registry refuses deletes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
 }
 
 /// Counts over all selected tags.
@@ -119,6 +141,10 @@ pub enum TagState {
     Pending,
     /// The last attempt failed.
     Failed,
+    /// No longer selected; deleted from the destination by the last sync (`spec.prune`).
+    Pruned,
+    /// No longer selected, but kept at the destination; the reason says why.
+    Retained,
 }
 
 /// Blob and byte counts.

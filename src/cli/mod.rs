@@ -3,6 +3,8 @@
 
 mod output;
 mod progress;
+mod prune;
+pub mod state;
 pub mod strict;
 
 use std::path::{Path, PathBuf};
@@ -12,7 +14,10 @@ use futures_util::future::join_all;
 use serde::Deserialize;
 
 use crate::api::{ImageMirror, ImageMirrorSpec};
-use crate::mirror::{self, ClientPool, Counters, EndpointAccess, SpecError, SyncError, SyncReport};
+use crate::mirror::{
+    self, ClientPool, Counters, EndpointAccess, PruneRecord, PruneReport, SpecError, SyncError,
+    SyncReport,
+};
 use crate::registry::DockerConfig;
 use crate::registry::manifest::ALL_TAG_PAGES;
 use crate::transfer::{BlobProgress, BlobState, Engine, EngineConfig, ProgressSink, RateLimit};
@@ -40,6 +45,11 @@ pub struct MirrorOptions {
     /// Unknown fields in the YAML are warnings instead of errors (wrong types and invalid
     /// values are errors either way).
     pub lenient: bool,
+    /// Prune every mirror (as if each had `spec.prune: true`); mirrors whose spec says so are
+    /// pruned without it. Default false.
+    pub prune: bool,
+    /// The prune state file; `None`: beside each YAML file (see [`state::default_path`]).
+    pub state: Option<PathBuf>,
 }
 
 /// Errors that stop the command before any copy starts.
@@ -70,6 +80,12 @@ pub enum CliError {
     /// No ImageMirror in any file.
     #[error("no ImageMirror documents in {0}")]
     Empty(String),
+    /// The prune state file is unusable.
+    #[error("prune state file {path}: {detail}")]
+    State { path: String, detail: String },
+    /// Two pruned mirrors share a name, so they would share a record.
+    #[error("two ImageMirrors are named {0}: pruning keeps one record per namespace/name")]
+    DuplicateName(String),
 }
 
 /// One mirror's outcome, for the summary.
@@ -80,6 +96,10 @@ pub struct MirrorOutcome {
     pub result: Result<SyncReport, String>,
     /// In a dry run: the planned items.
     pub planned: Vec<String>,
+    /// When pruned: what was (in a dry run: would be) deleted or kept.
+    pub prune: Option<PruneReport>,
+    /// Whether this was a dry run (prune rows then say WouldPrune).
+    pub dry_run: bool,
 }
 
 impl MirrorOutcome {
@@ -230,12 +250,17 @@ pub async fn run_mirror(
             path: path.clone(),
             source,
         })?;
-        mirrors.extend(parse_documents_with(&path, &text, opts.lenient)?);
+        mirrors.extend(
+            parse_documents_with(&path, &text, opts.lenient)?
+                .into_iter()
+                .map(|m| (m, f)),
+        );
     }
     if mirrors.is_empty() {
         let names: Vec<String> = opts.files.iter().map(|f| f.display().to_string()).collect();
         return Err(CliError::Empty(names.join(", ")));
     }
+    let mut states = prune::States::load(opts, &mirrors)?;
     let auth = load_auth(opts.auth_file.as_deref())?;
     // Read once, before any copy starts; whether it parses is checked when clients are built,
     // and that error names the file's use ("CA certificates do not parse").
@@ -248,29 +273,58 @@ pub async fn run_mirror(
     };
     let engine = Engine::new(opts.engine.clone());
     let pool = ClientPool::new();
-    let runs = mirrors.iter().map(|m| {
-        let name = format!(
-            "{}/{}",
-            m.metadata.namespace.as_deref().unwrap_or("default"),
-            m.metadata.name.as_deref().unwrap_or("(unnamed)")
-        );
+    let runs = mirrors.iter().map(|(m, _)| {
+        let name = prune::key(m);
         let trust = Trust {
             auth: &auth,
             ca_pem: ca_pem.as_deref(),
         };
+        let record = states.record(&name);
         let (engine, pool, progress) = (&engine, &pool, progress.clone());
         async move {
             let mut planned = Vec::new();
-            let result =
-                one_mirror(engine, pool, trust, &m.spec, opts, progress, &mut planned).await;
-            MirrorOutcome {
-                name,
-                result,
-                planned,
-            }
+            let mut pruning = record.map(|r| (r, None));
+            let result = one_mirror(
+                engine,
+                pool,
+                trust,
+                &m.spec,
+                opts,
+                progress,
+                &mut planned,
+                pruning.as_mut(),
+            )
+            .await;
+            let (record, prune) = match pruning {
+                Some((r, p)) => (Some(r), p),
+                None => (None, None),
+            };
+            (
+                MirrorOutcome {
+                    name,
+                    result,
+                    planned,
+                    prune,
+                    dry_run: opts.dry_run,
+                },
+                record,
+            )
         }
     });
-    Ok(join_all(runs).await)
+    let done = join_all(runs).await;
+    let mut outcomes = Vec::new();
+    for (outcome, record) in done {
+        if let Some(r) = record
+            && !opts.dry_run
+        {
+            states.set(&outcome.name, r);
+        }
+        outcomes.push(outcome);
+    }
+    if !opts.dry_run {
+        states.save()?;
+    }
+    Ok(outcomes)
 }
 
 /// What the command was given to authenticate with and to trust, for every mirror.
@@ -280,6 +334,9 @@ struct Trust<'a> {
     ca_pem: Option<&'a [u8]>,
 }
 
+/// One mirror's run. `pruning`: when this mirror is pruned, its record (updated in place) and
+/// where the prune report goes.
+#[allow(clippy::too_many_arguments)]
 async fn one_mirror(
     engine: &Engine,
     pool: &ClientPool,
@@ -288,6 +345,7 @@ async fn one_mirror(
     opts: &MirrorOptions,
     progress: ProgressSink,
     planned: &mut Vec<String>,
+    pruning: Option<&mut (PruneRecord, Option<PruneReport>)>,
 ) -> Result<SyncReport, String> {
     let valid = mirror::validate(spec).map_err(|e| e.to_string())?;
     for (side, s) in [("source", &spec.source), ("destination", &spec.destination)] {
@@ -325,22 +383,37 @@ async fn one_mirror(
         };
         let plan = mirror::plan::plan(spec, &tags).map_err(|e| e.to_string())?;
         planned.extend(plan.items.iter().map(|i| i.name().to_string()));
+        if let Some((record, report)) = pruning {
+            // What the run would find at the source decides what it would prune.
+            let resolved = prune::resolve(engine, &source, &plan.items).await;
+            let mut scratch = record.clone();
+            *report = Some(
+                mirror::prune_after_sync(engine, spec, &destination, &mut scratch, &resolved, true)
+                    .await,
+            );
+        }
         return Ok(SyncReport {
             items: Vec::new(),
             progress: Default::default(),
         });
     }
-    mirror::sync(
+    let report = mirror::sync(
         engine,
         spec,
         source,
-        destination,
+        destination.clone(),
         opts.engine.max_concurrent.max(1),
         progress,
         Arc::new(Counters::default()),
     )
     .await
-    .map_err(|e: SyncError| e.to_string())
+    .map_err(|e: SyncError| e.to_string())?;
+    if let Some((record, prune)) = pruning {
+        *prune = Some(
+            mirror::prune_after_sync(engine, spec, &destination, record, &report, false).await,
+        );
+    }
+    Ok(report)
 }
 
 /// Progress as plain log lines (for non-TTY output): one line per finished or retried blob.

@@ -3,7 +3,7 @@
 use serde::Serialize;
 
 use super::MirrorOutcome;
-use crate::mirror::ItemOutcome;
+use crate::mirror::{ItemOutcome, PruneReport};
 
 /// Summary format.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -60,6 +60,9 @@ fn rows(outcomes: &[MirrorOutcome]) -> Vec<Row> {
                         referrers: None,
                     });
                 }
+                if let Some(p) = &o.prune {
+                    prune_rows(&mut rows, o, p);
+                }
                 for i in &report.items {
                     let note = i.referrers.as_ref().and_then(|r| r.note.clone());
                     let (state, reason, message) = match &i.result {
@@ -82,6 +85,43 @@ fn rows(outcomes: &[MirrorOutcome]) -> Vec<Row> {
         }
     }
     rows
+}
+
+fn prune_rows(rows: &mut Vec<Row>, o: &MirrorOutcome, p: &PruneReport) {
+    let row =
+        |item: &str, state: &'static str, reason: Option<&str>, message: Option<String>| Row {
+            mirror: o.name.clone(),
+            item: item.to_string(),
+            state,
+            source_digest: None,
+            destination_digest: None,
+            reason: reason.map(str::to_string),
+            message,
+            referrers: None,
+        };
+    let pruned = if o.dry_run { "WouldPrune" } else { "Pruned" };
+    for t in &p.outcome.pruned {
+        rows.push(row(t, pruned, None, None));
+    }
+    for r in &p.outcome.retained {
+        rows.push(row(
+            &r.tag,
+            "Retained",
+            Some(r.reason.reason()),
+            Some(r.message.clone()),
+        ));
+    }
+    let note = p.skipped.map(|s| s.message()).or(p.outcome.warning.clone());
+    if let Some(message) = note {
+        rows.push(row("-", "NotPruned", None, Some(message)));
+    }
+    if p.unrecorded > 0 {
+        let message = format!(
+            "{} copied tag(s) not recorded (the record is full): they will never be pruned",
+            p.unrecorded
+        );
+        rows.push(row("-", "NotRecorded", None, Some(message)));
+    }
 }
 
 /// Renders the summary.

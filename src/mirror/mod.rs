@@ -5,6 +5,8 @@ mod clients;
 mod copy;
 pub mod filtered;
 pub mod plan;
+pub mod prune;
+mod prune_run;
 mod referrers;
 
 use std::sync::Arc;
@@ -14,6 +16,8 @@ use std::time::Duration;
 pub use clients::{ClientPool, EndpointAccess};
 pub use copy::{Counters, Endpoint, ItemOutcome, ItemResult, MirrorError, MirrorJob, run};
 pub use plan::{Item, Plan, PlanError};
+pub use prune::{PruneRecord, RetainReason, Retained, Skip};
+pub use prune_run::{MAX_CHECKED_TAGS, PruneOutcome};
 pub use referrers::{ReferrerError, ReferrersOptions, ReferrersOutcome};
 
 use crate::api::validation::{self, FieldError, validate_spec};
@@ -165,6 +169,77 @@ pub async fn sync(
         items,
         progress: snapshot(&counters),
     })
+}
+
+/// What pruning after one sync did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PruneReport {
+    /// Set when nothing was pruned because of the sync itself (failed items, empty selection).
+    pub skipped: Option<Skip>,
+    /// Deleted, kept and gone tags.
+    pub outcome: PruneOutcome,
+    /// Tags this sync copied that did not fit the record's bound: they will never be pruned.
+    pub unrecorded: usize,
+}
+
+impl PruneReport {
+    /// One line for status and the CLI, when something is worth saying.
+    pub fn message(&self) -> Option<String> {
+        let mut parts = Vec::new();
+        if let Some(s) = &self.skipped {
+            parts.push(s.message());
+        }
+        if let Some(w) = &self.outcome.warning {
+            parts.push(w.clone());
+        }
+        if let Some(r) = self.outcome.retained.first() {
+            parts.push(format!(
+                "{} tag(s) kept, e.g. {}: {} ({})",
+                self.outcome.retained.len(),
+                r.tag,
+                r.message,
+                r.reason.reason()
+            ));
+        }
+        if self.unrecorded > 0 {
+            parts.push(format!(
+                "{} copied tag(s) not recorded (the record is full) and never pruned",
+                self.unrecorded
+            ));
+        }
+        (!parts.is_empty()).then(|| parts.join("; "))
+    }
+}
+
+/// After a sync: records what `report` wrote in `record`, then deletes (with `dry_run`: only
+/// decides) the recorded tags the selection no longer selects, by the rules of [`prune`], and
+/// forgets what is gone. Never called for a sync that failed as a whole.
+pub async fn prune_after_sync(
+    engine: &Engine,
+    spec: &ImageMirrorSpec,
+    destination: &Endpoint,
+    record: &mut PruneRecord,
+    report: &SyncReport,
+    dry_run: bool,
+) -> PruneReport {
+    let unrecorded = record.record(&destination.repo.to_string(), report);
+    let decision = prune::decide(record, report);
+    let mut protected = prune::selected_digests(report);
+    protected.extend(spec.digests.iter().cloned());
+    let outcome = prune_run::prune(
+        engine,
+        destination,
+        &decision.candidates,
+        &protected,
+        dry_run,
+    )
+    .await;
+    record.forget(outcome.forgotten());
+    PruneReport {
+        skipped: decision.skipped,
+        outcome,
+        unrecorded,
+    }
 }
 
 /// The counters as a status `Progress`.

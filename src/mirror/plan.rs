@@ -231,6 +231,7 @@ mod tests {
             interval: "1h".into(),
             overwrite: true,
             referrers: Default::default(),
+            prune: false,
             suspend: false,
         }
     }

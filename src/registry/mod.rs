@@ -4,6 +4,7 @@
 
 pub mod auth;
 mod blob;
+mod delete;
 pub mod digest;
 mod error;
 pub mod manifest;
@@ -132,6 +133,26 @@ pub trait Registry: Send + Sync {
             self.put_manifest(repo, reference, manifest)
                 .await
                 .map(|()| false)
+        }
+        .boxed()
+    }
+    /// DELETE a manifest by tag or digest (`DELETE /v2/<name>/manifests/<reference>`). A
+    /// registry that refuses answers 405 / UNSUPPORTED (see [`RegistryError::refuses_delete`]);
+    /// CNCF distribution 2.x refuses tags with 400 DIGEST_INVALID and, given a digest, deletes
+    /// every tag pointing at it. The default refuses, for implementations that cannot delete.
+    fn delete_manifest<'a>(
+        &'a self,
+        repo: &'a str,
+        reference: &'a str,
+    ) -> BoxFuture<'a, Result<()>> {
+        let what = format!("{}/{repo}:{reference}", self.host());
+        async move {
+            Err(RegistryError::Status {
+                what,
+                status: 405,
+                detail: "UNSUPPORTED deletes are not implemented by this client".into(),
+                retry_after: None,
+            })
         }
         .boxed()
     }
@@ -281,5 +302,12 @@ impl Registry for RegistryClient {
         manifest: &'a Manifest,
     ) -> BoxFuture<'a, Result<bool>> {
         RegistryClient::put_manifest_with_subject(self, repo, reference, manifest).boxed()
+    }
+    fn delete_manifest<'a>(
+        &'a self,
+        repo: &'a str,
+        reference: &'a str,
+    ) -> BoxFuture<'a, Result<()>> {
+        RegistryClient::delete_manifest(self, repo, reference).boxed()
     }
 }

@@ -45,6 +45,9 @@ pub(crate) enum Access {
     Push(String),
     /// Write one repository and read another (cross-repository mount).
     Mount { to: String, from: String },
+    /// Delete manifests of one repository (distribution's token servers grant `delete`
+    /// separately from `push`).
+    Delete(String),
 }
 
 impl Access {
@@ -56,6 +59,7 @@ impl Access {
                 format!("repository:{to}:pull,push"),
                 format!("repository:{from}:pull"),
             ],
+            Access::Delete(r) => vec![format!("repository:{r}:delete")],
         }
     }
 }

@@ -285,6 +285,13 @@ impl<R: Registry + ?Sized> Registry for RateLimited<R> {
                 .put_manifest_with_subject(repo, reference, manifest),
         )
     }
+    fn delete_manifest<'a>(
+        &'a self,
+        repo: &'a str,
+        reference: &'a str,
+    ) -> BoxFuture<'a, Result<()>> {
+        self.paced(self.inner.delete_manifest(repo, reference))
+    }
 }
 
 #[cfg(test)]

@@ -10,6 +10,7 @@ mod kube_api;
 mod layout;
 mod memory;
 mod platforms;
+mod prune;
 mod referrers;
 mod resume;
 mod support;

@@ -41,6 +41,9 @@ pub struct RegistryConfig {
     pub token: Option<TokenAuth>,
     /// Serve HTTPS with this certificate instead of plain HTTP.
     pub tls: Option<ServerCert>,
+    /// Refuse deletes (405 UNSUPPORTED), distribution's default; the harness enables them
+    /// otherwise.
+    pub deletes_disabled: bool,
 }
 
 fn binary() -> PathBuf {
@@ -113,8 +116,9 @@ impl TestRegistry {
             );
         }
         let config_text = format!(
-            "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\n  maintenance:\n    uploadpurging:\n      enabled: false\nhttp:\n  addr: {host}\n  secret: imagemirror-test-secret\n{tls}{auth}",
-            dir.path().join("data").display()
+            "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: {}\n  maintenance:\n    uploadpurging:\n      enabled: false\nhttp:\n  addr: {host}\n  secret: imagemirror-test-secret\n{tls}{auth}",
+            dir.path().join("data").display(),
+            !config.deletes_disabled
         );
         let tls = config.tls.as_ref().map(|c| client_config(&c.ca_pem));
         let config_path = dir.path().join("config.yml");
