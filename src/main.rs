@@ -154,6 +154,7 @@ impl ControllerArgs {
             }),
             ca_file: self.ca_file,
             shutdown_grace: std::time::Duration::from_secs(self.shutdown_grace_seconds),
+            ..ControllerConfig::default()
         })
     }
 }

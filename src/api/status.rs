@@ -28,6 +28,12 @@ pub mod condition_reasons {
     pub const SECRET_NOT_FOUND: &str = "SecretNotFound";
     /// A referenced Secret exists but cannot be used.
     pub const SECRET_INVALID: &str = "SecretInvalid";
+    /// The controller may not read a referenced Secret (RBAC).
+    pub const SECRET_FORBIDDEN: &str = "SecretForbidden";
+    /// Reading a referenced Secret failed for a reason that may pass (5xx, timeout); retried.
+    pub const SECRET_UNAVAILABLE: &str = "SecretUnavailable";
+    /// The controller failed in a way it did not expect (a bug); retried with backoff.
+    pub const INTERNAL_ERROR: &str = "InternalError";
     /// The spec cannot be acted on.
     pub const INVALID_SPEC: &str = "InvalidSpec";
     /// A registry refused the credentials.

@@ -31,6 +31,25 @@ pub struct StateLabel {
     pub state: String,
 }
 
+/// Labels of a per-ImageMirror series.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct MirrorLabel {
+    /// The ImageMirror's namespace.
+    pub namespace: String,
+    /// The ImageMirror's name.
+    pub name: String,
+    /// `synced` or `failed`.
+    pub state: String,
+}
+
+/// One mirror's last counts, by UID.
+struct MirrorCounts {
+    namespace: String,
+    name: String,
+    synced: i64,
+    failed: i64,
+}
+
 /// `outcome` label.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct OutcomeLabel {
@@ -45,6 +64,8 @@ pub struct Metrics {
     pub reconciles: Family<ResultLabel, Counter>,
     /// Selected tags by state, over all ImageMirrors.
     pub tags: Family<StateLabel, Gauge>,
+    /// Selected tags by state, per ImageMirror; a deleted mirror's series are removed.
+    pub mirror_tags: Family<MirrorLabel, Gauge>,
     /// Bytes sent to destinations.
     pub bytes_copied: Counter,
     /// Blobs by outcome.
@@ -53,7 +74,7 @@ pub struct Metrics {
     pub sync_duration: Histogram,
     /// Blob transfers in flight in the shared engine.
     pub in_flight: Gauge,
-    per_mirror: Mutex<HashMap<String, (i64, i64)>>,
+    per_mirror: Mutex<HashMap<String, MirrorCounts>>,
 }
 
 impl Default for Metrics {
@@ -68,6 +89,7 @@ impl Metrics {
         let mut registry = Registry::default();
         let reconciles = Family::<ResultLabel, Counter>::default();
         let tags = Family::<StateLabel, Gauge>::default();
+        let mirror_tags = Family::<MirrorLabel, Gauge>::default();
         let bytes_copied = Counter::default();
         let blobs = Family::<OutcomeLabel, Counter>::default();
         let sync_duration = Histogram::new(exponential_buckets(0.05, 2.0, 16));
@@ -81,6 +103,11 @@ impl Metrics {
             "imagemirror_tags",
             "Selected tags by state, over all ImageMirrors",
             tags.clone(),
+        );
+        registry.register(
+            "imagemirror_mirror_tags",
+            "Selected tags of one ImageMirror by state",
+            mirror_tags.clone(),
         );
         registry.register(
             "imagemirror_bytes_copied",
@@ -102,6 +129,7 @@ impl Metrics {
             registry,
             reconciles,
             tags,
+            mirror_tags,
             bytes_copied,
             blobs,
             sync_duration,
@@ -110,14 +138,56 @@ impl Metrics {
         }
     }
 
-    /// Records one mirror's tag counts (replacing its previous ones); `None` forgets it.
-    pub fn set_mirror_tags(&self, key: &str, counts: Option<(i64, i64)>) {
+    /// Records the tag counts of the mirror with `uid` (replacing its previous ones).
+    pub fn set_mirror_tags(
+        &self,
+        uid: &str,
+        namespace: &str,
+        name: &str,
+        synced: i64,
+        failed: i64,
+    ) {
         let mut map = self.per_mirror.lock().unwrap_or_else(|p| p.into_inner());
-        match counts {
-            Some(c) => map.insert(key.to_string(), c),
-            None => map.remove(key),
+        map.insert(
+            uid.to_string(),
+            MirrorCounts {
+                namespace: namespace.to_string(),
+                name: name.to_string(),
+                synced,
+                failed,
+            },
+        );
+        for (state, v) in [("synced", synced), ("failed", failed)] {
+            self.mirror_tags
+                .get_or_create(&mirror_label(namespace, name, state))
+                .set(v);
+        }
+        self.update_totals(&map);
+    }
+
+    /// Forgets the mirror with `uid` (it was deleted): its series go from `/metrics`.
+    pub fn forget_mirror(&self, uid: &str) {
+        let mut map = self.per_mirror.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(gone) = map.remove(uid) else {
+            return;
         };
-        let (synced, failed) = map.values().fold((0, 0), |(s, f), (a, b)| (s + a, f + b));
+        // A mirror re-created under the same name has a new UID and owns the series now.
+        let reused = map
+            .values()
+            .any(|m| m.namespace == gone.namespace && m.name == gone.name);
+        if !reused {
+            for state in ["synced", "failed"] {
+                self.mirror_tags
+                    .remove(&mirror_label(&gone.namespace, &gone.name, state));
+            }
+        }
+        self.update_totals(&map);
+    }
+
+    fn update_totals(&self, map: &HashMap<String, MirrorCounts>) {
+        let (synced, failed) = map.values().fold((0i64, 0i64), |(s, f), m| {
+            (s.saturating_add(m.synced), f.saturating_add(m.failed))
+        });
         self.tags
             .get_or_create(&StateLabel {
                 state: "synced".into(),
@@ -145,6 +215,14 @@ impl Metrics {
         // Writing into a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
         out
+    }
+}
+
+fn mirror_label(namespace: &str, name: &str, state: &str) -> MirrorLabel {
+    MirrorLabel {
+        namespace: namespace.to_string(),
+        name: name.to_string(),
+        state: state.to_string(),
     }
 }
 
@@ -197,5 +275,40 @@ async fn ready_handler(State(s): State<AdminState>) -> impl IntoResponse {
         (StatusCode::OK, "ready")
     } else {
         (StatusCode::SERVICE_UNAVAILABLE, "starting")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_forgotten_mirror_leaves_no_series_but_a_reused_name_keeps_its_own() {
+        let m = Metrics::new();
+        m.set_mirror_tags("u1", "ns", "app", 2, 1);
+        m.set_mirror_tags("u2", "ns", "other", 1, 0);
+        let text = m.encode();
+        assert!(
+            text.contains(r#"imagemirror_mirror_tags{namespace="ns",name="app",state="synced"} 2"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"imagemirror_tags{state="synced"} 3"#),
+            "{text}"
+        );
+        m.forget_mirror("u1");
+        let text = m.encode();
+        assert!(!text.contains(r#"name="app""#), "{text}");
+        assert!(
+            text.contains(r#"imagemirror_tags{state="synced"} 1"#),
+            "{text}"
+        );
+        m.set_mirror_tags("u3", "ns", "other", 5, 0);
+        m.forget_mirror("u2");
+        assert!(
+            m.encode().contains(
+                r#"imagemirror_mirror_tags{namespace="ns",name="other",state="synced"} 5"#
+            )
+        );
     }
 }

@@ -3,11 +3,14 @@
 
 mod leader;
 pub mod metrics;
+mod outcome;
+mod publish;
 mod reconcile;
 mod secrets;
+mod state;
 pub mod status;
+mod watches;
 
-use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -15,22 +18,20 @@ use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use futures_util::StreamExt;
-use futures_util::future::join_all;
+use futures_util::FutureExt;
 use k8s_openapi::api::core::v1::Secret;
-use k8s_openapi::jiff::Timestamp;
+use kube::Client;
+use kube::core::PartialObjectMeta;
 use kube::runtime::events::{Recorder, Reporter};
-use kube::runtime::reflector::ObjectRef;
-use kube::runtime::{Controller, watcher};
-use kube::{Api, Client, ResourceExt};
-use tokio::sync::watch;
+use kube::runtime::reflector::Store;
 
 pub use leader::LeaderElection;
 pub use metrics::Metrics;
-pub use reconcile::{FIELD_MANAGER, ReconcileError, error_policy, reconcile};
+pub use outcome::ReconcileError;
+pub use reconcile::{FIELD_MANAGER, error_policy, reconcile};
 pub use secrets::SecretError;
 
-use crate::api::ImageMirror;
+use crate::api::ImageMirrorSpec;
 use crate::mirror::ClientPool;
 use crate::transfer::{Engine, EngineConfig};
 
@@ -52,6 +53,10 @@ pub struct ControllerConfig {
     pub ca_file: Option<PathBuf>,
     /// How long running syncs may take to finish after shutdown is asked. Default 20 s.
     pub shutdown_grace: Duration,
+    /// After a restart or failover, mirrors whose next sync is overdue (or that are not
+    /// Ready) sync at a random point within this window instead of all at once; Ready ones
+    /// keep their `status.nextSyncTime`. Default 5 min.
+    pub resync_spread: Duration,
 }
 
 impl Default for ControllerConfig {
@@ -64,6 +69,7 @@ impl Default for ControllerConfig {
             leader_election: None,
             ca_file: None,
             shutdown_grace: Duration::from_secs(20),
+            resync_spread: Duration::from_secs(300),
         }
     }
 }
@@ -90,7 +96,8 @@ pub enum ControllerError {
     Leadership(String),
 }
 
-/// What every reconcile shares: the API client, the one engine, clients, metrics.
+/// What every reconcile shares: the API client, the one engine, clients, metrics, and the
+/// per-object state.
 pub struct Context {
     client: Client,
     engine: Engine,
@@ -99,56 +106,30 @@ pub struct Context {
     metrics: Arc<Metrics>,
     extra_ca: Option<Vec<u8>>,
     item_concurrency: usize,
-    /// Per `ns/name`: the Secret versions the last sync used, to resync when they change.
-    secret_versions: Mutex<HashMap<String, Vec<String>>>,
-    /// Per `ns/name`: consecutive failed reconciles, for backoff.
-    failures: Mutex<HashMap<String, u32>>,
-    /// Per `ns/name`: the generation last synced and when its next sync is due.
-    schedule: Mutex<HashMap<String, (Option<i64>, Timestamp)>>,
+    resync_spread: Duration,
+    /// Per UID: schedule, backoff, Secret versions, the running sync's cancel switch.
+    states: state::States,
+    /// The caches of the running watches (replaced when leadership is re-acquired).
+    caches: Mutex<watches::Caches>,
 }
 
 impl Context {
-    fn secret_versions(&self, key: &str) -> Option<Vec<String>> {
-        self.secret_versions
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(key)
-            .cloned()
+    /// Versions of the Secrets `spec` references, from the metadata cache of `ns`; `None`
+    /// while that cache is not loaded yet.
+    fn secret_versions(&self, ns: &str, spec: &ImageMirrorSpec) -> Option<Vec<String>> {
+        let caches = self.caches.lock().unwrap_or_else(|p| p.into_inner());
+        let cache: &Store<PartialObjectMeta<Secret>> = caches.secrets_for(ns)?;
+        cache
+            .wait_until_ready()
+            .now_or_never()
+            .is_some_and(|r| r.is_ok())
+            .then(|| secrets::versions(cache, ns, spec))
     }
 
-    fn set_secret_versions(&self, key: &str, v: Vec<String>) {
-        self.secret_versions
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(key.to_string(), v);
-    }
-
-    fn scheduled(&self, key: &str, generation: Option<i64>) -> Option<Timestamp> {
-        let m = self.schedule.lock().unwrap_or_else(|p| p.into_inner());
-        m.get(key)
-            .filter(|(g, _)| *g == generation)
-            .map(|(_, t)| *t)
-    }
-
-    fn schedule(&self, key: &str, generation: Option<i64>, at: Timestamp) {
-        self.schedule
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(key.to_string(), (generation, at));
-    }
-
-    fn bump_backoff(&self, key: &str) -> u32 {
-        let mut m = self.failures.lock().unwrap_or_else(|p| p.into_inner());
-        let n = m.entry(key.to_string()).or_default();
-        *n += 1;
-        *n - 1
-    }
-
-    fn reset_backoff(&self, key: &str) {
-        self.failures
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(key);
+    /// The object with `uid` is gone: cancel its sync, drop its state and metric series.
+    fn forget(&self, uid: &str) {
+        self.states.forget(uid);
+        self.metrics.forget_mirror(uid);
     }
 }
 
@@ -165,12 +146,12 @@ pub async fn run(
         })?),
         None => None,
     };
-    let (stop_tx, stop_rx) = watch::channel(false);
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     tokio::spawn(async move {
         shutdown.await;
         let _ = stop_tx.send(true);
     });
-    let stopped = |mut rx: watch::Receiver<bool>| async move {
+    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|s| *s).await;
     };
 
@@ -212,9 +193,9 @@ pub async fn run(
         metrics,
         extra_ca,
         item_concurrency: config.item_concurrency.max(1),
-        secret_versions: Mutex::new(HashMap::new()),
-        failures: Mutex::new(HashMap::new()),
-        schedule: Mutex::new(HashMap::new()),
+        resync_spread: config.resync_spread,
+        states: state::States::default(),
+        caches: Mutex::new(watches::Caches::default()),
     });
     // Ready means "up and able to serve": a replica waiting for the lease is ready too, so
     // rolling updates can proceed.
@@ -222,12 +203,12 @@ pub async fn run(
 
     match &config.leader_election {
         None => {
-            run_controllers(ctx, &config, stopped(stop_rx.clone())).await;
+            watches::run_controllers(ctx, &config, stopped(stop_rx.clone())).await;
             Ok(())
         }
         Some(le) => {
             leader::run_as_leader(client, le, stopped(stop_rx.clone()), |lost| {
-                run_controllers(ctx.clone(), &config, async move {
+                watches::run_controllers(ctx.clone(), &config, async move {
                     tokio::select! {
                         _ = stopped(stop_rx.clone()) => {}
                         _ = lost => {}
@@ -237,74 +218,4 @@ pub async fn run(
             .await
         }
     }
-}
-
-/// One kube-runtime Controller per watched namespace (or one for all), sharing `ctx`. Returns
-/// when `stop` resolves and running syncs finished, or after the grace period.
-async fn run_controllers(
-    ctx: Arc<Context>,
-    config: &ControllerConfig,
-    stop: impl Future<Output = ()> + Send + 'static,
-) {
-    let stop = futures_util::FutureExt::shared(Box::pin(stop));
-    let scopes: Vec<Option<String>> = if config.namespaces.is_empty() {
-        vec![None]
-    } else {
-        config.namespaces.iter().cloned().map(Some).collect()
-    };
-    let runs = scopes.into_iter().map(|ns| {
-        let (mirrors, secrets): (Api<ImageMirror>, Api<Secret>) = match &ns {
-            Some(ns) => (
-                Api::namespaced(ctx.client.clone(), ns),
-                Api::namespaced(ctx.client.clone(), ns),
-            ),
-            None => (Api::all(ctx.client.clone()), Api::all(ctx.client.clone())),
-        };
-        let controller = Controller::new(mirrors, watcher::Config::default().any_semantic());
-        let store = controller.store();
-        let stop = stop.clone();
-        let ctx = ctx.clone();
-        async move {
-            controller
-                .watches(
-                    secrets,
-                    watcher::Config::default().any_semantic(),
-                    move |secret: Secret| {
-                        // A Secret (re)appearing or changing wakes the mirrors that name it.
-                        let ns = secret.namespace();
-                        let name = secret.name_any();
-                        store
-                            .state()
-                            .into_iter()
-                            .filter(|m| m.namespace() == ns && references(m, &name))
-                            .map(|m| ObjectRef::from_obj(&*m))
-                            .collect::<Vec<_>>()
-                    },
-                )
-                .graceful_shutdown_on(stop)
-                .run(reconcile, error_policy, ctx)
-                .for_each(|r| async move {
-                    if let Err(e) = r {
-                        tracing::debug!(error = %e, "controller event");
-                    }
-                })
-                .await
-        }
-    });
-    let all = join_all(runs);
-    let grace = config.shutdown_grace;
-    tokio::select! {
-        _ = all => {}
-        _ = async { stop.clone().await; tokio::time::sleep(grace).await } => {
-            tracing::warn!(?grace, "syncs still running after the grace period; cancelling them");
-        }
-    }
-}
-
-fn references(m: &ImageMirror, secret: &str) -> bool {
-    let s = &m.spec;
-    [&s.source, &s.destination].iter().any(|side| {
-        side.credentials_secret.as_deref() == Some(secret)
-            || side.ca_secret.as_deref() == Some(secret)
-    })
 }

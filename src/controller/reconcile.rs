@@ -1,78 +1,70 @@
-//! Reconcile one ImageMirror: read Secrets → validate → decide whether a sync is due → run it
-//! on the shared engine (progress patched at most every 5 s) → write status with server-side
-//! apply on the status subresource. Failures that need a change become conditions and Events.
+//! Reconcile one ImageMirror as named steps: validate → decide (due or not) → dereference
+//! Secrets → sync on the shared engine → publish (status, Events, metrics). Every early end
+//! is a [`ReconcileError`] that `publish::failure` turns into status in one place.
+//!
+//! Validation comes before dereferencing because the credentials are picked by the parsed
+//! registry name, and deciding comes before it so that a mirror that is not due reads no
+//! Secret data at all (changed Secrets are noticed from their metadata).
 
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::Secret;
+use futures_util::FutureExt;
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{Patch, PatchParams};
+use kube::core::DeserializeGuard;
 use kube::runtime::controller::Action;
-use kube::runtime::events::{Event, EventType};
-use kube::{Api, Resource, ResourceExt};
+use kube::{Api, ResourceExt};
 use rand::Rng;
 
 use super::Context;
-use super::secrets::{SecretError, read_side};
+use super::outcome::{MAX_BACKOFF, ReconcileError};
+use super::publish;
+use super::secrets::read_side;
 use super::status::{self, condition};
-use crate::api::condition_reasons as reasons;
 use crate::api::condition_types as types;
-use crate::api::{ImageMirror, ImageMirrorStatus, TagState};
-use crate::mirror::{self, Counters, ItemOutcome, snapshot};
-use crate::transfer::{BlobOutcome, BlobProgress, BlobState, ProgressSink};
+use crate::api::{ImageMirror, ImageMirrorStatus};
+use crate::mirror::{self, Counters, EndpointAccess, SyncReport, ValidSpec, snapshot};
 
 /// Field manager of every status write.
 pub const FIELD_MANAGER: &str = "imagemirror";
 /// How often a long sync patches its progress, at most.
 pub const PROGRESS_PERIOD: Duration = Duration::from_secs(5);
-/// When a Secret is missing: look again after this long (its watch usually triggers sooner).
-const SECRET_RECHECK: Duration = Duration::from_secs(300);
+/// Longest interval acted on: the CRD allows at most 8760h; anything longer (an object
+/// admitted by an older CRD) is treated as this, so time arithmetic cannot overflow.
+pub const MAX_INTERVAL: Duration = Duration::from_secs(8760 * 3600);
 
-/// A reconcile that must be retried with backoff.
-#[derive(Debug, thiserror::Error)]
-pub enum ReconcileError {
-    /// The object has no namespace (the CRD is namespaced; this cannot come from a real API).
-    #[error("ImageMirror {0} has no namespace")]
-    NoNamespace(String),
-    /// Writing status failed.
-    #[error("writing status of {name}: {source}")]
-    Status {
-        name: String,
-        #[source]
-        source: kube::Error,
-    },
-    /// Reading a Secret failed at the API (not a missing Secret: that is a condition).
-    #[error(transparent)]
-    Secret(SecretError),
-    /// The sync as a whole failed (tag list unreadable); status says why.
-    #[error("sync of {name} failed: {reason}")]
-    Sync { name: String, reason: &'static str },
-}
-
-impl ReconcileError {
-    /// Metric label.
-    pub fn reason(&self) -> &'static str {
-        match self {
-            ReconcileError::NoNamespace(_) => "InvalidObject",
-            ReconcileError::Status { .. } => "StatusWriteFailed",
-            ReconcileError::Secret(e) => e.reason(),
-            ReconcileError::Sync { reason, .. } => reason,
-        }
-    }
+/// One ImageMirror being reconciled, and what every step needs to know about it.
+pub(super) struct Mirror<'a> {
+    pub obj: &'a ImageMirror,
+    pub api: Api<ImageMirror>,
+    pub ns: String,
+    pub name: String,
+    /// The UID (per-object state is keyed by it); `ns/name` if the object has none.
+    pub uid: String,
+    pub generation: Option<i64>,
+    /// The status as the last write left it (updated by the steps that write).
+    pub prev: ImageMirrorStatus,
+    /// The interval in force, once validated (caps backoff).
+    pub interval: Duration,
 }
 
 /// The requeue after a successful sync: the interval with ±10% jitter, so a thousand
-/// mirrors created together do not resync together.
+/// mirrors created together do not resync together. Never panics, whatever the interval.
 pub fn jittered(interval: Duration) -> Duration {
-    interval.mul_f64(rand::rng().random_range(0.9..=1.1))
+    let factor = rand::rng().random_range(0.9..=1.1);
+    Duration::try_from_secs_f64(interval.as_secs_f64() * factor)
+        .unwrap_or(interval)
+        .min(MAX_INTERVAL)
 }
 
 /// `now + d`, rounded up to a whole second: status times are serialised with second
 /// precision, and a `nextSyncTime` that reads earlier than the requeue would make the next
-/// wake-up look early and sync twice.
-fn add(now: Timestamp, d: Duration) -> Timestamp {
-    let t = now.checked_add(d).unwrap_or(now);
+/// wake-up look early and sync twice. Saturates far in the future instead of overflowing.
+pub(super) fn add(now: Timestamp, d: Duration) -> Timestamp {
+    let t = now
+        .checked_add(d.min(MAX_INTERVAL))
+        .unwrap_or(Timestamp::MAX);
     let whole = Timestamp::from_second(t.as_second()).unwrap_or(t);
     if whole < t {
         whole.checked_add(Duration::from_secs(1)).unwrap_or(t)
@@ -82,83 +74,46 @@ fn add(now: Timestamp, d: Duration) -> Timestamp {
 }
 
 /// The requeue that wakes us exactly at `at`.
-fn until(now: Timestamp, at: Timestamp) -> Duration {
+pub(super) fn until(now: Timestamp, at: Timestamp) -> Duration {
     Duration::try_from(at.duration_since(now)).unwrap_or_default()
 }
 
-async fn write_status(
-    api: &Api<ImageMirror>,
-    name: &str,
-    status: &ImageMirrorStatus,
-) -> Result<(), ReconcileError> {
-    let patch = serde_json::json!({
-        "apiVersion": "imagemirror.dev/v1alpha1",
-        "kind": "ImageMirror",
-        "status": status,
-    });
-    api.patch_status(
-        name,
-        &PatchParams::apply(FIELD_MANAGER).force(),
-        &Patch::Apply(&patch),
-    )
-    .await
-    .map(|_| ())
-    .map_err(|source| ReconcileError::Status {
-        name: name.to_string(),
-        source,
-    })
+/// Backoff for the `n`th consecutive failure (from 0): 5 s doubling, capped at `cap` and at
+/// 5 min, with jitter.
+pub(super) fn backoff(n: u32, cap: Duration) -> Duration {
+    let d = Duration::from_secs(5).saturating_mul(1 << n.min(6));
+    jittered(d.min(cap).min(MAX_BACKOFF))
 }
 
-async fn event(ctx: &Context, obj: &ImageMirror, type_: EventType, reason: &str, note: String) {
-    let ev = Event {
-        type_,
-        reason: reason.to_string(),
-        // Events cap notes at 1 kB.
-        note: Some(note.chars().take(1000).collect()),
-        action: "Sync".into(),
-        secondary: None,
+/// The reconciler kube-runtime calls. Objects that could not be decoded are reported on the
+/// object; a panic anywhere below is contained and reported as InternalError.
+pub async fn reconcile(
+    guard: Arc<DeserializeGuard<ImageMirror>>,
+    ctx: Arc<Context>,
+) -> Result<Action, ReconcileError> {
+    let obj = match &guard.0 {
+        Ok(obj) => obj,
+        Err(invalid) => return publish::undecodable(&ctx, invalid).await,
     };
-    if let Err(e) = ctx.recorder.publish(&ev, &obj.object_ref(&())).await {
-        tracing::warn!(error = %e, "publishing an Event failed");
-    }
-}
-
-/// A mirror that cannot progress until something changes.
-struct Stall<'a> {
-    api: &'a Api<ImageMirror>,
-    name: &'a str,
-    prev: &'a ImageMirrorStatus,
-    generation: Option<i64>,
-    now: Timestamp,
-}
-
-impl Stall<'_> {
-    /// Writes Stalled=True with `reason` and a Warning Event, unless status already says so
-    /// (a stalled mirror is looked at again and again; that must not write each time).
-    async fn write(
-        &self,
-        ctx: &Context,
-        obj: &ImageMirror,
-        reason: &str,
-        message: String,
-    ) -> Result<(), ReconcileError> {
-        let s = status::stalled(self.prev, self.generation, reason, &message, self.now);
-        if s != *self.prev {
-            write_status(self.api, self.name, &s).await?;
-            event(ctx, obj, EventType::Warning, reason, message).await;
-        }
-        Ok(())
-    }
-}
-
-/// The reconciler kube-runtime calls.
-pub async fn reconcile(obj: Arc<ImageMirror>, ctx: Arc<Context>) -> Result<Action, ReconcileError> {
     let name = obj.name_any();
     let ns = obj
         .namespace()
         .ok_or_else(|| ReconcileError::NoNamespace(name.clone()))?;
-    let key = format!("{ns}/{name}");
-    let result = reconcile_inner(&obj, &ctx, &ns, &name, &key).await;
+    let mut m = Mirror {
+        api: Api::namespaced(ctx.client.clone(), &ns),
+        uid: obj.uid().unwrap_or_else(|| format!("{ns}/{name}")),
+        generation: obj.metadata.generation,
+        prev: obj.status.clone().unwrap_or_default(),
+        interval: MAX_INTERVAL,
+        obj,
+        ns,
+        name,
+    };
+    let steps = AssertUnwindSafe(steps(&mut m, &ctx)).catch_unwind().await;
+    let result = match steps.unwrap_or_else(|p| Err(ReconcileError::Panicked(panic_text(&p)))) {
+        Ok(action) => Ok(action),
+        Err(e) => publish::failure(&mut m, &ctx, e).await,
+    };
     let label = match &result {
         Ok(_) => "success",
         Err(e) => e.reason(),
@@ -172,297 +127,260 @@ pub async fn reconcile(obj: Arc<ImageMirror>, ctx: Arc<Context>) -> Result<Actio
     result
 }
 
-async fn reconcile_inner(
-    obj: &ImageMirror,
-    ctx: &Context,
-    ns: &str,
-    name: &str,
-    key: &str,
-) -> Result<Action, ReconcileError> {
-    let api: Api<ImageMirror> = Api::namespaced(ctx.client.clone(), ns);
-    let prev = obj.status.clone().unwrap_or_default();
-    let generation = obj.metadata.generation;
-    let now = Timestamp::now();
+fn panic_text(p: &(dyn std::any::Any + Send)) -> String {
+    p.downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| p.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic without a message".into())
+}
 
-    if obj.spec.suspend {
-        let already = prev.observed_generation == generation
-            && condition(&prev, types::RECONCILING).is_some_and(|c| c.reason == reasons::SUSPENDED);
-        if !already {
-            let mut s = prev.clone();
-            s.observed_generation = generation;
-            status::set_condition(
-                &mut s.conditions,
-                types::RECONCILING,
-                "False",
-                reasons::SUSPENDED,
-                "spec.suspend is true",
-                generation,
-                now,
-            );
-            write_status(&api, name, &s).await?;
-        }
-        return Ok(Action::await_change());
+async fn steps(m: &mut Mirror<'_>, ctx: &Context) -> Result<Action, ReconcileError> {
+    if m.obj.spec.suspend {
+        return publish::suspended(m).await;
     }
+    let valid = validate(m)?;
+    m.interval = valid.interval;
+    if let Some(wait) = decide(m, ctx) {
+        return Ok(Action::requeue(wait));
+    }
+    let (source, destination) = dereference(m, ctx, &valid).await?;
+    let report = sync(m, ctx, &valid, source, destination).await?;
+    publish::synced(m, ctx, report).await
+}
 
+/// Step 1: everything that can be checked without IO. A validator that panics on some input
+/// is a bug, but the input is the user's: it is reported as InvalidSpec, not a crash.
+fn validate(m: &Mirror<'_>) -> Result<ValidSpec, ReconcileError> {
+    let spec = &m.obj.spec;
     // OCI layouts are local files: a CLI feature, refused here before anything is read.
-    let valid = match crate::layout::refuse_in_cluster(&obj.spec)
-        .map_err(|m| (crate::layout::IN_CLUSTER_REASON, m))
-        .and_then(|()| {
-            mirror::validate(&obj.spec).map_err(|e| (reasons::INVALID_SPEC, e.to_string()))
-        }) {
-        Ok(v) => v,
-        Err((reason, message)) => {
-            let stall = Stall {
-                api: &api,
-                name,
-                prev: &prev,
-                generation,
-                now,
-            };
-            stall.write(ctx, obj, reason, message).await?;
-            return Ok(Action::await_change());
+    crate::layout::refuse_in_cluster(spec).map_err(ReconcileError::InClusterUnsupported)?;
+    let checked = std::panic::catch_unwind(AssertUnwindSafe(|| mirror::validate(spec)));
+    match checked {
+        Ok(Ok(mut v)) => {
+            v.interval = v.interval.min(MAX_INTERVAL);
+            Ok(v)
+        }
+        Ok(Err(e)) => Err(ReconcileError::InvalidSpec(e.to_string())),
+        Err(p) => Err(ReconcileError::InvalidSpec(format!(
+            "spec cannot be validated ({}); check spec.interval and the other fields",
+            panic_text(&p)
+        ))),
+    }
+}
+
+/// Step 2: is a sync due? `None` when it is, else how long to wait. What this process
+/// scheduled wins over status (the object a reconcile is handed can lag behind our own last
+/// write); a generation not scheduled yet takes its time from status (see [`first_due`]).
+fn decide(m: &Mirror<'_>, ctx: &Context) -> Option<Duration> {
+    let now = Timestamp::now();
+    let current = ctx.secret_versions(&m.ns, &m.obj.spec);
+    let recorded = ctx.states.secrets(&m.uid);
+    let secrets_changed = matches!((&recorded, &current), (Some(a), Some(b)) if a != b);
+    if let Some(v) = current {
+        ctx.states.set_secrets(&m.uid, v);
+    }
+    let due_at = match ctx.states.scheduled(&m.uid, m.generation) {
+        Some(t) => t,
+        None => {
+            let t = first_due(&m.prev, m.generation, ctx.resync_spread, now);
+            ctx.states.schedule(&m.uid, m.generation, t);
+            t
         }
     };
+    if secrets_changed || due_at <= now {
+        None
+    } else {
+        Some(until(now, due_at).max(Duration::from_millis(100)))
+    }
+}
 
-    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), ns);
+/// When a generation this process has not scheduled yet is first due: a new generation now;
+/// one whose status is Ready for it at its `nextSyncTime` (a restart or failover keeps the
+/// schedule); an overdue or not-Ready one at a random point within `spread`, so a restart
+/// does not resync everything at once.
+pub(super) fn first_due(
+    prev: &ImageMirrorStatus,
+    generation: Option<i64>,
+    spread: Duration,
+    now: Timestamp,
+) -> Timestamp {
+    if prev.observed_generation != generation || prev.conditions.is_empty() {
+        return now;
+    }
+    let ready = condition(prev, types::READY).is_some_and(|c| c.status == "True");
+    if ready
+        && let Some(next) = &prev.next_sync_time
+        && next.0 > now
+    {
+        return next.0;
+    }
+    let ms = u64::try_from(spread.as_millis()).unwrap_or(u64::MAX);
+    let delay = if ms == 0 {
+        0
+    } else {
+        rand::rng().random_range(0..ms)
+    };
+    add(now, Duration::from_millis(delay))
+}
+
+/// Step 3: read the referenced Secrets (`get`, only now that a sync needs them).
+async fn dereference(
+    m: &Mirror<'_>,
+    ctx: &Context,
+    valid: &ValidSpec,
+) -> Result<(EndpointAccess, EndpointAccess), ReconcileError> {
+    let secrets = Api::namespaced(ctx.client.clone(), &m.ns);
     let extra = ctx.extra_ca.as_deref();
-    let sides = async {
-        let s = read_side(
-            &secrets,
-            ns,
-            "source",
-            &obj.spec.source,
-            &valid.source,
-            extra,
-        )
-        .await?;
-        let d = read_side(
-            &secrets,
-            ns,
-            "destination",
-            &obj.spec.destination,
-            &valid.destination,
-            extra,
-        )
-        .await?;
-        Ok::<_, SecretError>((s, d))
-    }
-    .await;
-    let (src, dst) = match sides {
-        Ok(v) => v,
-        Err(e @ SecretError::Api { .. }) => return Err(ReconcileError::Secret(e)),
-        Err(e) => {
-            let stall = Stall {
-                api: &api,
-                name,
-                prev: &prev,
-                generation,
-                now,
-            };
-            stall.write(ctx, obj, e.reason(), e.to_string()).await?;
-            return Ok(Action::requeue(SECRET_RECHECK));
-        }
-    };
+    let spec = &m.obj.spec;
+    let source = read_side(
+        &secrets,
+        &m.ns,
+        "source",
+        &spec.source,
+        &valid.source,
+        extra,
+    )
+    .await?;
+    let destination = read_side(
+        &secrets,
+        &m.ns,
+        "destination",
+        &spec.destination,
+        &valid.destination,
+        extra,
+    )
+    .await?;
+    Ok((source, destination))
+}
 
-    let mut versions = src.versions.clone();
-    versions.extend(dst.versions.iter().cloned());
-    // What this process scheduled wins over status: the object a reconcile is handed can lag
-    // behind our own last write, and must not make us sync the same generation twice.
-    let scheduled = ctx.scheduled(key, generation);
-    let first_visit = scheduled.is_none()
-        && (prev.observed_generation != generation || prev.conditions.is_empty());
-    let next_due = scheduled.or(prev.next_sync_time.as_ref().map(|t| t.0));
-    let secrets_changed = ctx.secret_versions(key).as_ref() != Some(&versions);
-    // Failed syncs set nextSyncTime to their backoff, so "not Ready" alone is no reason to
-    // sync again: that would turn every status write (ours included) into a retry storm.
-    let due = first_visit || secrets_changed || next_due.is_none_or(|t| t <= now);
-    if !due {
-        // Woken by our own status write or a resync of the watch: nothing to do yet.
-        let wait = next_due.map(|t| until(now, t)).unwrap_or(valid.interval);
-        return Ok(Action::requeue(wait.max(Duration::from_millis(100))));
+/// Step 4: the sync, with progress patched at most every [`PROGRESS_PERIOD`]; cancelled
+/// (dropping it lets go of every transfer it watched) when the spec changes or the object goes.
+async fn sync(
+    m: &mut Mirror<'_>,
+    ctx: &Context,
+    valid: &ValidSpec,
+    source: EndpointAccess,
+    destination: EndpointAccess,
+) -> Result<SyncReport, ReconcileError> {
+    if m.prev.observed_generation != m.generation || m.prev.conditions.is_empty() {
+        let s = status::progressing(&m.prev, m.generation, Timestamp::now());
+        publish::write_status(m, s).await?;
+        let note = format!("syncing {} to {}", valid.source, valid.destination);
+        publish::event(ctx, m.obj, false, "SyncStarted", note).await;
     }
-
-    ctx.set_secret_versions(key, versions);
-    let mut base = prev.clone();
-    if first_visit {
-        base = status::progressing(&prev, generation, now);
-        write_status(&api, name, &base).await?;
-        event(
-            ctx,
-            obj,
-            EventType::Normal,
-            "SyncStarted",
-            format!("syncing {} to {}", valid.source, valid.destination),
-        )
-        .await;
-    }
-
-    let endpoints = ctx
+    let spec = &m.obj.spec;
+    let source = ctx.pool.endpoint("source", &spec.source, source);
+    let destination = ctx
         .pool
-        .endpoint("source", &obj.spec.source, src.access)
-        .and_then(|s| {
-            Ok((
-                s,
-                ctx.pool
-                    .endpoint("destination", &obj.spec.destination, dst.access)?,
-            ))
-        });
-    let (source, destination) = match endpoints {
-        Ok(v) => v,
-        Err(e) => {
-            let stall = Stall {
-                api: &api,
-                name,
-                prev: &base,
-                generation,
-                now,
-            };
-            stall
-                .write(ctx, obj, reasons::INVALID_SPEC, e.to_string())
-                .await?;
-            return Ok(Action::await_change());
-        }
+        .endpoint("destination", &spec.destination, destination);
+    let (source, destination) = match (source, destination) {
+        (Ok(s), Ok(d)) => (s, d),
+        (Err(e), _) | (_, Err(e)) => return Err(ReconcileError::InvalidSpec(e.to_string())),
     };
-
     let counters = Arc::new(Counters::default());
     let started = std::time::Instant::now();
-    let sync = mirror::sync(
+    let run = mirror::sync(
         &ctx.engine,
-        &obj.spec,
+        spec,
         source,
         destination,
         ctx.item_concurrency,
-        metrics_sink(ctx),
+        publish::metrics_sink(ctx),
         counters.clone(),
     );
+    let base = m.prev.clone();
+    let m_ref = &*m;
     let ticker = async {
         let mut last = None;
         loop {
             tokio::time::sleep(PROGRESS_PERIOD).await;
             let p = snapshot(&counters);
             if last.as_ref() != Some(&p) {
-                let s = status::syncing(&base, generation, p.clone(), Timestamp::now());
-                if let Err(e) = write_status(&api, name, &s).await {
-                    tracing::warn!(mirror = key, error = %e, "progress write failed");
+                let s = status::syncing(&base, m_ref.generation, p.clone(), Timestamp::now());
+                if let Err(e) = publish::write_status_only(m_ref, &s).await {
+                    tracing::warn!(mirror = %m_ref.uid, error = %e, "progress write failed");
                 }
                 last = Some(p);
             }
         }
     };
-    let report = tokio::select! {
-        r = sync => r,
+    let mut cancel = ctx.states.start(&m.uid, m.generation);
+    let result = tokio::select! {
+        r = run => Ok(r),
         _ = ticker => unreachable!("the progress ticker never ends"),
+        _ = cancel.wait_for(|c| *c) => Err(ReconcileError::Cancelled),
     };
+    ctx.states.finish(&m.uid);
     ctx.metrics
         .sync_duration
         .observe(started.elapsed().as_secs_f64());
-
-    let now = Timestamp::now();
-    let next_in = jittered(valid.interval);
-    let report = match report {
-        Ok(r) => r,
-        Err(e) => {
-            let reason = e.reason();
-            let next_at = add(now, retry_delay(ctx, key, valid.interval));
-            ctx.schedule(key, generation, next_at);
-            let s = status::failed(&base, generation, reason, &e.to_string(), now, next_at);
-            write_status(&api, name, &s).await?;
-            event(ctx, obj, EventType::Warning, "SyncFailed", e.to_string()).await;
-            return Err(ReconcileError::Sync {
-                name: key.to_string(),
-                reason,
-            });
-        }
-    };
-    let next_in = if report.failed() > 0 {
-        retry_delay(ctx, key, valid.interval)
-    } else {
-        ctx.reset_backoff(key);
-        next_in
-    };
-    let next_at = add(now, next_in);
-    ctx.schedule(key, generation, next_at);
-    let new = status::synced(&base, generation, &report, now, next_at);
-    // Events only for what changed, so a steady mirror does not fill the event log.
-    for item in &report.items {
-        if let Err(e) = &item.result {
-            let was = prev.tags.iter().find(|t| t.name == item.item.name());
-            let same = was.is_some_and(|t| {
-                t.state == TagState::Failed && t.reason.as_deref() == Some(e.reason())
-            });
-            if !same {
-                event(
-                    ctx,
-                    obj,
-                    EventType::Warning,
-                    "TagFailed",
-                    format!("{}: {} ({})", item.item.name(), e, e.reason()),
-                )
-                .await;
-            }
-        }
-    }
-    let copied = report
-        .items
-        .iter()
-        .filter(|i| matches!(i.result, Ok(ItemOutcome::Copied)))
-        .count();
-    if copied > 0 {
-        event(
-            ctx,
-            obj,
-            EventType::Normal,
-            reasons::SYNCED,
-            format!(
-                "synced {copied} of {} tags, {} bytes copied",
-                report.items.len(),
-                report.progress.bytes_done
-            ),
-        )
-        .await;
-    }
-    let failed = report.failed() as i64;
-    ctx.metrics
-        .set_mirror_tags(key, Some((report.items.len() as i64 - failed, failed)));
-    write_status(&api, name, &new).await?;
-    Ok(Action::requeue(until(now, next_at)))
+    Ok(result??)
 }
 
-/// Forwards blob outcomes to the metrics.
-fn metrics_sink(ctx: &Context) -> ProgressSink {
-    let metrics = ctx.metrics.clone();
-    Arc::new(move |p: &BlobProgress| {
-        if let BlobState::Finished(result) = &p.state {
-            match result {
-                Ok(BlobOutcome::Exists) => metrics.blob("skipped"),
-                Ok(BlobOutcome::Mounted) => metrics.blob("mounted"),
-                Ok(BlobOutcome::Copied { bytes_sent }) => {
-                    metrics.blob("copied");
-                    metrics.bytes_copied.inc_by(*bytes_sent);
-                }
-                Err(_) => metrics.blob("failed"),
-            }
-        }
-    })
-}
-
-/// Backoff for the `n`th consecutive failure (from 0): 5 s doubling, capped at `cap` and at
-/// 5 min, with jitter.
-fn backoff(n: u32, cap: Duration) -> Duration {
-    let d = Duration::from_secs(5).saturating_mul(1 << n.min(6));
-    jittered(d.min(cap).min(Duration::from_secs(300)))
-}
-
-/// When to try again after a sync with failures: the per-object backoff, never later than the
-/// regular interval.
-fn retry_delay(ctx: &Context, key: &str, interval: Duration) -> Duration {
-    backoff(ctx.bump_backoff(key), interval)
-}
-
-/// The error policy kube-runtime calls: per-object exponential backoff.
-pub fn error_policy(obj: Arc<ImageMirror>, err: &ReconcileError, ctx: Arc<Context>) -> Action {
-    let key = format!("{}/{}", obj.namespace().unwrap_or_default(), obj.name_any());
-    let delay = backoff(ctx.bump_backoff(&key), Duration::from_secs(300));
-    tracing::warn!(mirror = key, error = %err, retry_in = ?delay, "reconcile failed");
+/// The error policy kube-runtime calls (only when status itself could not be written):
+/// per-object exponential backoff.
+pub fn error_policy(
+    guard: Arc<DeserializeGuard<ImageMirror>>,
+    err: &ReconcileError,
+    ctx: Arc<Context>,
+) -> Action {
+    let uid = guard.uid().unwrap_or_else(|| guard.name_any());
+    let delay = backoff(ctx.states.bump_failures(&uid), MAX_BACKOFF);
+    tracing::warn!(mirror = %guard.name_any(), error = %err, retry_in = ?delay, "reconcile failed");
     Action::requeue(delay)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+
+    fn t(secs: i64) -> Timestamp {
+        Timestamp::from_second(1_800_000_000 + secs).unwrap()
+    }
+
+    #[test]
+    fn time_arithmetic_never_panics_on_huge_intervals() {
+        for _ in 0..100 {
+            let d = jittered(Duration::from_secs(u64::MAX));
+            assert!(d <= MAX_INTERVAL);
+            assert!(jittered(Duration::from_secs(5_000_000_000_000_000 * 3600)) <= MAX_INTERVAL);
+        }
+        let far = add(t(0), Duration::MAX);
+        assert!(far > t(0));
+        assert!(backoff(u32::MAX, Duration::MAX) <= MAX_BACKOFF.mul_f64(1.1));
+    }
+
+    #[test]
+    fn a_ready_status_keeps_its_schedule_and_overdue_ones_spread() {
+        let spread = Duration::from_secs(60);
+        let mut ready = status::progressing(&ImageMirrorStatus::default(), Some(3), t(0));
+        status::set_condition(
+            &mut ready.conditions,
+            "Ready",
+            "True",
+            "Synced",
+            "",
+            Some(3),
+            t(0),
+        );
+        ready.next_sync_time = Some(Time(t(3000)));
+        assert_eq!(first_due(&ready, Some(3), spread, t(10)), t(3000));
+        // A new generation is due now.
+        assert_eq!(first_due(&ready, Some(4), spread, t(10)), t(10));
+        // Overdue: somewhere in the next minute, not all at once.
+        let due: Vec<Timestamp> = (0..50)
+            .map(|_| first_due(&ready, Some(3), spread, t(4000)))
+            .collect();
+        assert!(due.iter().all(|d| *d >= t(4000) && *d <= t(4061)));
+        assert!(
+            due.iter().any(|d| *d != due[0]),
+            "overdue mirrors are spread"
+        );
+        // Never synced: now.
+        assert_eq!(
+            first_due(&ImageMirrorStatus::default(), Some(1), spread, t(5)),
+            t(5)
+        );
+    }
 }

@@ -2,8 +2,10 @@
 
 use k8s_openapi::api::core::v1::Secret;
 use kube::Api;
+use kube::core::PartialObjectMeta;
+use kube::runtime::reflector::{ObjectRef, Store};
 
-use crate::api::RepositorySpec;
+use crate::api::{ImageMirrorSpec, RepositorySpec};
 use crate::mirror::EndpointAccess;
 use crate::registry::{DockerConfig, Repository};
 
@@ -25,11 +27,21 @@ pub enum SecretError {
         field: String,
         detail: String,
     },
-    /// The API server failed while reading it.
-    #[error("reading Secret {namespace}/{name}: {source}")]
-    Api {
+    /// The API server refused to let the controller read it (RBAC narrowed in that namespace).
+    #[error(
+        "reading Secret {namespace}/{name} (spec.{field}) is forbidden: the controller's service account needs `get` on secrets in namespace {namespace} (a Role or ClusterRole rule apiGroups: [\"\"], resources: [secrets], verbs: [get, list, watch])"
+    )]
+    Forbidden {
         namespace: String,
         name: String,
+        field: String,
+    },
+    /// Reading it failed in a way that may pass (5xx, timeout, connection): retried.
+    #[error("reading Secret {namespace}/{name} (spec.{field}) failed, retrying: {source}")]
+    Unavailable {
+        namespace: String,
+        name: String,
+        field: String,
         #[source]
         source: kube::Error,
     },
@@ -41,18 +53,15 @@ impl SecretError {
         match self {
             SecretError::NotFound { .. } => crate::api::condition_reasons::SECRET_NOT_FOUND,
             SecretError::Invalid { .. } => crate::api::condition_reasons::SECRET_INVALID,
-            SecretError::Api { .. } => "ApiError",
+            SecretError::Forbidden { .. } => crate::api::condition_reasons::SECRET_FORBIDDEN,
+            SecretError::Unavailable { .. } => crate::api::condition_reasons::SECRET_UNAVAILABLE,
         }
     }
-}
 
-/// Access for one side, plus the resourceVersions of the Secrets it was built from (so a
-/// changed Secret can be noticed).
-pub struct SideAccess {
-    /// Credentials and CA.
-    pub access: EndpointAccess,
-    /// `name@resourceVersion` of each Secret read.
-    pub versions: Vec<String>,
+    /// Whether it may pass without a change to the spec, a Secret or RBAC.
+    pub fn transient(&self) -> bool {
+        matches!(self, SecretError::Unavailable { .. })
+    }
 }
 
 async fn get(api: &Api<Secret>, ns: &str, name: &str, field: &str) -> Result<Secret, SecretError> {
@@ -63,9 +72,15 @@ async fn get(api: &Api<Secret>, ns: &str, name: &str, field: &str) -> Result<Sec
             name: name.into(),
             field: field.into(),
         }),
-        Err(source) => Err(SecretError::Api {
+        Err(kube::Error::Api(e)) if e.code == 403 => Err(SecretError::Forbidden {
             namespace: ns.into(),
             name: name.into(),
+            field: field.into(),
+        }),
+        Err(source) => Err(SecretError::Unavailable {
+            namespace: ns.into(),
+            name: name.into(),
+            field: field.into(),
             source,
         }),
     }
@@ -84,16 +99,11 @@ pub async fn read_side(
     spec: &RepositorySpec,
     repo: &Repository,
     extra_ca: Option<&[u8]>,
-) -> Result<SideAccess, SecretError> {
-    let mut versions = Vec::new();
+) -> Result<EndpointAccess, SecretError> {
     let mut access = EndpointAccess::default();
     if let Some(name) = &spec.credentials_secret {
         let f = format!("{field}.credentialsSecret");
         let secret = get(api, ns, name, &f).await?;
-        versions.push(format!(
-            "{name}@{}",
-            secret.metadata.resource_version.clone().unwrap_or_default()
-        ));
         let invalid = |detail: String| SecretError::Invalid {
             namespace: ns.into(),
             name: name.clone(),
@@ -117,10 +127,6 @@ pub async fn read_side(
     if let Some(name) = &spec.ca_secret {
         let f = format!("{field}.caSecret");
         let secret = get(api, ns, name, &f).await?;
-        versions.push(format!(
-            "{name}@{}",
-            secret.metadata.resource_version.clone().unwrap_or_default()
-        ));
         let pem = key(&secret, "ca.crt").ok_or_else(|| SecretError::Invalid {
             namespace: ns.into(),
             name: name.clone(),
@@ -136,5 +142,37 @@ pub async fn read_side(
     if !ca.is_empty() {
         access.ca_pem = Some(ca);
     }
-    Ok(SideAccess { access, versions })
+    Ok(access)
+}
+
+/// The names of the Secrets `spec` references (credentials and CA of both sides), sorted,
+/// without duplicates.
+pub fn referenced(spec: &ImageMirrorSpec) -> Vec<&str> {
+    let mut names: Vec<&str> = [&spec.source, &spec.destination]
+        .iter()
+        .flat_map(|side| [&side.credentials_secret, &side.ca_secret])
+        .filter_map(|n| n.as_deref())
+        .collect();
+    names.sort_unstable();
+    names.dedup();
+    names
+}
+
+/// `name@resourceVersion` of each referenced Secret as the metadata cache sees it (`name@`
+/// when absent), to notice a changed Secret without reading its data.
+pub fn versions(
+    cache: &Store<PartialObjectMeta<Secret>>,
+    ns: &str,
+    spec: &ImageMirrorSpec,
+) -> Vec<String> {
+    referenced(spec)
+        .into_iter()
+        .map(|name| {
+            let rv = cache
+                .get(&ObjectRef::new(name).within(ns))
+                .and_then(|s| s.metadata.resource_version.clone())
+                .unwrap_or_default();
+            format!("{name}@{rv}")
+        })
+        .collect()
 }

@@ -145,6 +145,34 @@ pub fn stalled(
     s
 }
 
+/// A transient failure that is being retried (an unreadable Secret, an internal error):
+/// Ready=False and Reconciling=True with `reason`, Stalled=False, next attempt at `next`.
+pub fn retrying(
+    prev: &ImageMirrorStatus,
+    generation: Option<i64>,
+    reason: &str,
+    message: &str,
+    now: Timestamp,
+    next: Timestamp,
+) -> ImageMirrorStatus {
+    let mut s = prev.clone();
+    s.observed_generation = generation;
+    s.next_sync_time = Some(Time(next));
+    let c = &mut s.conditions;
+    set_condition(c, types::READY, "False", reason, message, generation, now);
+    set_condition(
+        c,
+        types::RECONCILING,
+        "True",
+        reason,
+        message,
+        generation,
+        now,
+    );
+    clear_stalled(c, generation, now);
+    s
+}
+
 /// A sync in progress: Reconciling=True with the current counts.
 pub fn syncing(
     prev: &ImageMirrorStatus,
@@ -177,9 +205,10 @@ pub fn synced(
 ) -> ImageMirrorStatus {
     let mut s = prev.clone();
     s.observed_generation = generation;
-    let selected = report.items.len() as u32;
-    let failed = report.failed() as u32;
-    let synced = selected - failed;
+    let count = |n: usize| u32::try_from(n).unwrap_or(u32::MAX);
+    let selected = count(report.items.len());
+    let failed = count(report.failed());
+    let synced = selected.saturating_sub(failed);
     s.summary = Some(Summary {
         tags_selected: selected,
         tags_synced: synced,
@@ -459,5 +488,22 @@ mod tests {
         assert_eq!(cond(&s, "Stalled").status, "True");
         assert_eq!(cond(&s, "Ready").reason, "SecretNotFound");
         assert_eq!(cond(&s, "Reconciling").status, "False");
+    }
+
+    #[test]
+    fn retrying_keeps_reconciling_true() {
+        let s = retrying(
+            &ImageMirrorStatus::default(),
+            Some(2),
+            "SecretUnavailable",
+            "reading Secret a/b failed",
+            t(0),
+            t(5),
+        );
+        assert_eq!(cond(&s, "Ready").status, "False");
+        assert_eq!(cond(&s, "Ready").reason, "SecretUnavailable");
+        assert_eq!(cond(&s, "Reconciling").status, "True");
+        assert_eq!(cond(&s, "Stalled").status, "False");
+        assert_eq!(s.next_sync_time, Some(Time(t(5))));
     }
 }

@@ -5,102 +5,22 @@
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::coordination::v1::Lease;
-use kube::Client;
 use kube::api::{Api, Patch, PatchParams};
-use tokio::sync::oneshot;
 
 use imagemirror::api::ImageMirror;
-use imagemirror::controller::{ControllerConfig, ControllerError, LeaderElection};
+use imagemirror::controller::LeaderElection;
 
+use crate::support::controller::{
+    Fixture, Running, cond, config, free_port, observed, ready, wait_event,
+};
 use crate::support::kube_api::{TestCluster, helpers};
 use crate::support::{Flavor, RegistryConfig, Seeder, TestRegistry};
 
 const WAIT: Duration = Duration::from_secs(60);
 
-/// A controller running in this process until stopped (or dropped).
-struct Running {
-    stop: Option<oneshot::Sender<()>>,
-    task: tokio::task::JoinHandle<Result<(), ControllerError>>,
-}
-
-impl Running {
-    fn start(client: Client, config: ControllerConfig) -> Self {
-        let (tx, rx) = oneshot::channel();
-        let task = tokio::spawn(imagemirror::controller::run(client, config, async move {
-            let _ = rx.await;
-        }));
-        Running {
-            stop: Some(tx),
-            task,
-        }
-    }
-
-    /// Asks for shutdown (as SIGTERM does) and asserts a clean exit within the deadline.
-    async fn stop(mut self) {
-        if let Some(tx) = self.stop.take() {
-            let _ = tx.send(());
-        }
-        let result = tokio::time::timeout(Duration::from_secs(30), &mut self.task).await;
-        assert!(
-            matches!(result, Ok(Ok(Ok(())))),
-            "controller did not stop cleanly: {result:?}"
-        );
-    }
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
-fn config(ns: &str) -> ControllerConfig {
-    ControllerConfig {
-        namespaces: vec![ns.to_string()],
-        ..ControllerConfig::default()
-    }
-}
-
-fn mirror_yaml(ns: &str, name: &str, src: &str, dst: &str, extra: &str) -> String {
-    format!(
-        "apiVersion: imagemirror.dev/v1alpha1\nkind: ImageMirror\nmetadata:\n  name: {name}\n  namespace: {ns}\nspec:\n  source:\n    repository: {src}\n    plainHTTP: true\n  destination:\n    repository: {dst}\n    plainHTTP: true\n{extra}"
-    )
-}
-
-/// ImageMirror `app` in `ns`, from `src/app` to `dst/app`, with `extra` spec lines.
-fn app_yaml(ns: &str, src: &str, dst: &str, extra: &str) -> String {
-    mirror_yaml(
-        ns,
-        "app",
-        &format!("{src}/app"),
-        &format!("{dst}/app"),
-        extra,
-    )
-}
-
-fn cond(m: &ImageMirror, type_: &str) -> Option<(String, String)> {
-    m.status
-        .as_ref()?
-        .conditions
-        .iter()
-        .find(|c| c.type_ == type_)
-        .map(|c| (c.status.clone(), c.reason.clone()))
-}
-
-fn observed(m: &ImageMirror) -> bool {
-    m.status.as_ref().and_then(|s| s.observed_generation) == m.metadata.generation
-}
-
-fn ready(m: &ImageMirror) -> bool {
-    observed(m) && cond(m, "Ready").is_some_and(|(s, _)| s == "True")
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+/// `app` in `ns`: `src/app` to `dst/app`.
+fn app(ns: &str, src: &str, dst: &str) -> Fixture {
+    Fixture::new(ns, "app", &format!("{src}/app"), &format!("{dst}/app"))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -124,14 +44,9 @@ async fn a_mirror_becomes_ready_with_digests_then_follows_spec_changes_and_suspe
     let applied = Instant::now();
     let src_repo = format!("{}/app", src.host());
     let dst_repo = format!("{}/mirror/app", dst.host());
-    cluster
-        .apply_imagemirror(&mirror_yaml(
-            &ns,
-            "app",
-            &src_repo,
-            &dst_repo,
-            "  tags:\n    names: [v1]\n",
-        ))
+    Fixture::new(&ns, "app", &src_repo, &dst_repo)
+        .tags(&["v1"])
+        .apply(&cluster.client())
         .await;
     let m = cluster.wait_for(&ns, "app", WAIT, ready).await;
     eprintln!("apply → Ready for a one-tag image: {:?}", applied.elapsed());
@@ -157,6 +72,16 @@ async fn a_mirror_becomes_ready_with_digests_then_follows_spec_changes_and_suspe
     Seeder::new(dst.host())
         .assert_copy_of("mirror/app", "v1", &v1)
         .await;
+    let client = cluster.client();
+    let (t, note) = wait_event(&client, &ns, "app", "SyncStarted", WAIT).await;
+    assert_eq!(t, "Normal");
+    assert!(
+        note.contains(&src_repo) && note.contains(&dst_repo),
+        "{note}"
+    );
+    let (t, note) = wait_event(&client, &ns, "app", "Synced", WAIT).await;
+    assert_eq!(t, "Normal");
+    assert!(note.starts_with("synced 1 of 1 tags"), "{note}");
 
     // The admin server answers, and the metrics saw the copy.
     let http = reqwest::Client::new();
@@ -233,9 +158,11 @@ async fn a_missing_secret_stalls_and_creating_it_makes_the_mirror_ready() {
     let cluster = TestCluster::start().await;
     let ns = cluster.fresh_namespace("im").await;
     let running = Running::start(cluster.client(), config(&ns));
-    let extra = "    credentialsSecret: dst-creds\n  tags:\n    names: [v1]\n";
-    let yaml = app_yaml(&ns, src.host(), dst.host(), extra);
-    cluster.apply_imagemirror(&yaml).await;
+    app(&ns, src.host(), dst.host())
+        .destination_secret("dst-creds")
+        .tags(&["v1"])
+        .apply(&cluster.client())
+        .await;
     let stalled = cluster
         .wait_for(&ns, "app", WAIT, |m| {
             cond(m, "Stalled") == Some(("True".into(), "SecretNotFound".into()))
@@ -251,6 +178,9 @@ async fn a_missing_secret_stalls_and_creating_it_makes_the_mirror_ready() {
         "the condition must name the Secret: {message}"
     );
     let generation = stalled.metadata.generation;
+    let (t, note) = wait_event(&cluster.client(), &ns, "app", "SecretNotFound", WAIT).await;
+    assert_eq!(t, "Warning");
+    assert!(note.contains("dst-creds"), "{note}");
 
     helpers::create_registry_secret(
         &cluster.client(),
@@ -289,14 +219,12 @@ async fn an_uneventful_resync_writes_status_once_and_copies_nothing() {
     let cluster = TestCluster::start().await;
     let ns = cluster.fresh_namespace("im").await;
     let running = Running::start(cluster.client(), config(&ns));
-    let yaml = app_yaml(
-        &ns,
-        src.host(),
-        dst.host(),
+    app(&ns, src.host(), dst.host())
+        .tags(&["v1"])
         // The shortest interval the CRD admits.
-        "  tags:\n    names: [v1]\n  interval: 30s\n",
-    );
-    cluster.apply_imagemirror(&yaml).await;
+        .interval("30s")
+        .apply(&cluster.client())
+        .await;
     let first = cluster.wait_for(&ns, "app", WAIT, ready).await;
     let synced_at = |m: &ImageMirror| m.status.as_ref().and_then(|s| s.last_sync_time.clone());
     let t0 = synced_at(&first);
@@ -371,8 +299,10 @@ async fn two_controllers_with_leader_election_never_both_copy() {
     };
     let a = Running::start(cluster.client(), elect("replica-a"));
     let b = Running::start(cluster.client(), elect("replica-b"));
-    let yaml = app_yaml(&ns, src.host(), dst.host(), "  tags:\n    names: [v1]\n");
-    cluster.apply_imagemirror(&yaml).await;
+    app(&ns, src.host(), dst.host())
+        .tags(&["v1"])
+        .apply(&cluster.client())
+        .await;
     cluster.wait_for(&ns, "app", WAIT, ready).await;
     let puts = |tag: &str| {
         dst.requests()
@@ -423,13 +353,10 @@ async fn the_status_written_is_exactly_what_the_sync_found() {
     let cluster = TestCluster::start().await;
     let ns = cluster.fresh_namespace("im").await;
     let running = Running::start(cluster.client(), config(&ns));
-    let yaml = app_yaml(
-        &ns,
-        src.host(),
-        dst.host(),
-        "  tags:\n    names: [good, gone]\n",
-    );
-    cluster.apply_imagemirror(&yaml).await;
+    app(&ns, src.host(), dst.host())
+        .tags(&["good", "gone"])
+        .apply(&cluster.client())
+        .await;
     let m = cluster
         .wait_for(&ns, "app", WAIT, |m| {
             observed(m) && cond(m, "Ready").is_some_and(|(s, _)| s == "False")
@@ -461,6 +388,9 @@ async fn the_status_written_is_exactly_what_the_sync_found() {
                      "bytesDone": good.blobs.iter().map(|b| b.1).sum::<u64>()},
     });
     assert_eq!(status, expected);
+    let (t, note) = wait_event(&cluster.client(), &ns, "app", "TagFailed", WAIT).await;
+    assert_eq!(t, "Warning");
+    assert_eq!(note, format!("gone: {gone_msg} (NotFound)"));
     running.stop().await;
     cluster.delete_namespace(&ns).await;
 }

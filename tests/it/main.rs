@@ -3,6 +3,7 @@
 mod auth;
 mod controller;
 mod controller_idle;
+mod controller_lifecycle;
 mod copy;
 mod crd;
 mod faults;

@@ -1,6 +1,7 @@
 //! Shared harness: real registries, image seeding, running the binary.
 
 pub mod artifacts;
+pub mod controller;
 pub mod cut;
 pub mod image;
 pub mod kube_api;

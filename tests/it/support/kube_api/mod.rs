@@ -303,6 +303,27 @@ impl ApiServer {
         self.shared.faults.lock().expect("faults lock").push(rule);
     }
 
+    /// Creates an ImageMirror (JSON, with `metadata.namespace`) without the CRD schema's
+    /// validation: an object an older CRD admitted, which the controller must survive.
+    pub fn create_unvalidated(&self, obj: serde_json::Value) -> serde_json::Value {
+        let ns = obj["metadata"]["namespace"]
+            .as_str()
+            .expect("metadata.namespace")
+            .to_string();
+        let ctx = store::WriteCtx {
+            manager: "older-crd",
+            subresource: "",
+            dry_run: false,
+        };
+        let res = resources::find("imagemirror.dev", "v1alpha1", "imagemirrors")
+            .expect("imagemirrors are served");
+        let mut store = self.shared.store.lock().expect("store lock");
+        schema::SKIP_SCHEMA.with(|s| s.set(true));
+        let created = store.create(res, &ns, obj, &ctx);
+        schema::SKIP_SCHEMA.with(|s| s.set(false));
+        created.unwrap_or_else(|e| panic!("create past the schema: {e:?}"))
+    }
+
     /// Drops the watch history: watches from any older resourceVersion get 410 Expired.
     pub fn compact(&self) {
         self.shared.store.lock().expect("store lock").compact();

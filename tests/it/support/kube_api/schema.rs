@@ -63,8 +63,26 @@ fn imagemirror_schema() -> &'static Value {
     S.get_or_init(resources::imagemirror_schema)
 }
 
+thread_local! {
+    /// Set while [`super::ApiServer::create_unvalidated`] writes (on the caller's thread, under
+    /// the store lock): the object skips the CRD schema, as one admitted by an older CRD would.
+    pub(super) static SKIP_SCHEMA: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
 /// Applies the per-type rules to an object about to be stored.
-pub fn admit(res: &ResourceDef, name: &str, obj: &mut Value) -> Result<(), ApiError> {
+///
+/// A status write cannot change the spec, so errors in it are not held against the write
+/// (the API server's validation ratcheting): the controller can report on an object that an
+/// older CRD admitted.
+pub fn admit(
+    res: &ResourceDef,
+    name: &str,
+    obj: &mut Value,
+    status_write: bool,
+) -> Result<(), ApiError> {
+    if res.custom && SKIP_SCHEMA.with(|s| s.get()) {
+        return Ok(());
+    }
     match (res.group, res.plural) {
         ("", "secrets") => {
             if let Some(Value::Object(sd)) = obj
@@ -127,7 +145,8 @@ pub fn admit(res: &ResourceDef, name: &str, obj: &mut Value) -> Result<(), ApiEr
                 matches!(k.as_str(), "apiVersion" | "kind" | "metadata")
                     || known.is_some_and(|p| p.contains_key(k))
             });
-            if let Some((field, message)) = errors.into_iter().next() {
+            let ratcheted = |field: &str| status_write && field.starts_with("spec");
+            if let Some((field, message)) = errors.into_iter().find(|(f, _)| !ratcheted(f)) {
                 return Err(ApiError::invalid(res, name, &field, &message));
             }
         }

@@ -212,13 +212,27 @@ fn dispatch(
         dry_run: q.get("dryRun").is_some_and(|d| d == "All"),
     };
     let name = r.name.as_deref().unwrap_or("");
+    let metadata_only = headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|a| a.contains("as=PartialObjectMetadata"));
     let mut store = shared.store.lock().expect("store lock");
     let (code, value) = match verb {
+        "get" if metadata_only => (200, partial_metadata(&store.get(r.res, ns, name)?)),
         "get" => (200, store.get(r.res, ns, name)?),
+        "list" if metadata_only => {
+            let mut l = list(&store, res, r, q)?;
+            l["kind"] = json!("PartialObjectMetadataList");
+            l["apiVersion"] = json!("meta.k8s.io/v1");
+            if let Some(items) = l["items"].as_array_mut() {
+                items.iter_mut().for_each(|o| *o = partial_metadata(o));
+            }
+            (200, l)
+        }
         "list" => (200, list(&store, res, r, q)?),
         "watch" => {
             drop(store);
-            return watch::serve(shared.clone(), r.res, r.namespace.clone(), q);
+            return watch::serve(shared.clone(), r.res, r.namespace.clone(), q, metadata_only);
         }
         "create" if sub.is_empty() => (
             201,
@@ -314,6 +328,12 @@ fn dispatch(
         other => return Err(ApiError::method_not_allowed(other)),
     };
     Ok(json_response(code, &value))
+}
+
+/// An object as `PartialObjectMetadata` (what metadata-only clients ask for with
+/// `Accept: application/json;as=PartialObjectMetadata;g=meta.k8s.io;v=v1`).
+pub fn partial_metadata(obj: &Value) -> Value {
+    json!({"kind": "PartialObjectMetadata", "apiVersion": "meta.k8s.io/v1", "metadata": obj["metadata"]})
 }
 
 /// A list, with `labelSelector`, `fieldSelector` and `limit`/`continue` (pages are cut from the

@@ -232,7 +232,7 @@ impl Store {
             let g = meta(old)["generation"].as_i64().unwrap_or(0);
             meta_mut(&mut new).insert("generation".into(), json!(g + 1));
         }
-        schema::admit(res, name, &mut new)?;
+        schema::admit(res, name, &mut new, sub == "status")?;
         Ok(new)
     }
 

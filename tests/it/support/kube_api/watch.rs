@@ -8,7 +8,8 @@
 //! - `allowWatchBookmarks=true`: a BOOKMARK (only kind, apiVersion, metadata.resourceVersion)
 //!   every bookmark interval, at a resourceVersion all events up to which were sent;
 //! - selectors: an object that stops matching is sent as DELETED, one that starts as ADDED;
-//! - the stream ends after `timeoutSeconds` (default 1800), or when the server stops.
+//! - the stream ends after `timeoutSeconds` (default 1800), or when the server stops;
+//! - `Accept: ...;as=PartialObjectMetadata;g=meta.k8s.io;v=v1`: objects as metadata only.
 //!
 //! A watcher too slow for the change channel gets a 410 ERROR and the stream ends, as when a real
 //! server drops a lagging watch.
@@ -33,6 +34,8 @@ struct Filter {
     res: usize,
     namespace: Option<String>,
     selector: Selector,
+    /// Send `PartialObjectMetadata` instead of the objects.
+    metadata_only: bool,
 }
 
 impl Filter {
@@ -54,7 +57,15 @@ impl Filter {
             (EventType::Modified, true, false) => "DELETED",
             _ => return None,
         };
-        Some((t, c.object.clone()))
+        Some((t, self.shape(&c.object)))
+    }
+
+    fn shape(&self, obj: &Value) -> Value {
+        if self.metadata_only {
+            super::server::partial_metadata(obj)
+        } else {
+            obj.clone()
+        }
     }
 }
 
@@ -98,6 +109,7 @@ pub fn serve(
     res_idx: usize,
     namespace: Option<String>,
     q: &HashMap<String, String>,
+    metadata_only: bool,
 ) -> Result<Response, ApiError> {
     let res = &resources::all()[res_idx];
     let selector = Selector::parse(
@@ -109,6 +121,7 @@ pub fn serve(
         res: res_idx,
         namespace,
         selector,
+        metadata_only,
     };
     let from: Option<u64> = match q.get("resourceVersion").map(String::as_str) {
         None | Some("") | Some("0") => None,
@@ -140,7 +153,7 @@ pub fn serve(
                 if snapshot {
                     for obj in store.list(res_idx, filter.namespace.as_deref()) {
                         if filter.selector.matches(&obj) {
-                            first.push(line("ADDED", &obj));
+                            first.push(line("ADDED", &filter.shape(&obj)));
                         }
                     }
                     if initial_events && bookmarks {
