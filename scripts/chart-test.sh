@@ -109,7 +109,7 @@ import yaml
 
 RELEASE_NS = "imagemirror"
 CONTROLLER_RULES = {
-    ("imagemirror.dev", "imagemirrors", v) for v in ("get", "list", "watch")
+    ("imagemirror.dev", "imagemirrors", v) for v in ("get", "list", "watch", "patch")
 } | {
     ("imagemirror.dev", "imagemirrors/status", v) for v in ("get", "patch")
 } | {

@@ -4,6 +4,7 @@
 mod leader;
 pub mod metrics;
 mod outcome;
+pub mod prune;
 mod publish;
 mod reconcile;
 mod secrets;

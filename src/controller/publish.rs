@@ -117,6 +117,7 @@ pub(super) async fn synced(
     m: &mut Mirror<'_>,
     ctx: &Context,
     report: SyncReport,
+    pruned: Option<super::prune::Pruned>,
 ) -> Result<Action, ReconcileError> {
     let now = Timestamp::now();
     let failed = report.failed();
@@ -128,7 +129,8 @@ pub(super) async fn synced(
     };
     let next_at = add(now, next_in);
     ctx.states.schedule(&m.uid, m.generation, next_at);
-    let new = status::synced(&m.prev, m.generation, &report, now, next_at);
+    let mut new = status::synced(&m.prev, m.generation, &report, now, next_at);
+    super::prune::fold(&mut new, pruned.as_ref());
     // Events only for what changed, so a steady mirror does not fill the event log.
     for item in &report.items {
         if let Err(e) = &item.result {

@@ -24,7 +24,7 @@ use super::secrets::read_side;
 use super::status::{self, condition};
 use crate::api::condition_types as types;
 use crate::api::{ImageMirror, ImageMirrorStatus};
-use crate::mirror::{self, Counters, EndpointAccess, SyncReport, ValidSpec, snapshot};
+use crate::mirror::{self, Counters, Endpoint, EndpointAccess, SyncReport, ValidSpec, snapshot};
 
 /// Field manager of every status write.
 pub const FIELD_MANAGER: &str = "imagemirror";
@@ -144,8 +144,9 @@ async fn steps(m: &mut Mirror<'_>, ctx: &Context) -> Result<Action, ReconcileErr
         return Ok(Action::requeue(wait));
     }
     let (source, destination) = dereference(m, ctx, &valid).await?;
-    let report = sync(m, ctx, &valid, source, destination).await?;
-    publish::synced(m, ctx, report).await
+    let (report, destination) = sync(m, ctx, &valid, source, destination).await?;
+    let pruned = super::prune::run(ctx, m, &destination, &report).await;
+    publish::synced(m, ctx, report, pruned).await
 }
 
 /// Step 1: everything that can be checked without IO. A validator that panics on some input
@@ -253,7 +254,8 @@ async fn dereference(
     Ok((source, destination))
 }
 
-/// Step 4: the sync, with progress patched at most every [`PROGRESS_PERIOD`]; cancelled
+/// Step 4: the sync (returning the destination endpoint, for pruning), with progress patched
+/// at most every [`PROGRESS_PERIOD`]; cancelled
 /// (dropping it lets go of every transfer it watched) when the spec changes or the object goes.
 async fn sync(
     m: &mut Mirror<'_>,
@@ -261,7 +263,7 @@ async fn sync(
     valid: &ValidSpec,
     source: EndpointAccess,
     destination: EndpointAccess,
-) -> Result<SyncReport, ReconcileError> {
+) -> Result<(SyncReport, Endpoint), ReconcileError> {
     if m.prev.observed_generation != m.generation || m.prev.conditions.is_empty() {
         let s = status::progressing(&m.prev, m.generation, Timestamp::now());
         publish::write_status(m, s).await?;
@@ -283,7 +285,7 @@ async fn sync(
         &ctx.engine,
         spec,
         source,
-        destination,
+        destination.clone(),
         ctx.item_concurrency,
         publish::metrics_sink(ctx),
         counters.clone(),
@@ -314,7 +316,7 @@ async fn sync(
     ctx.metrics
         .sync_duration
         .observe(started.elapsed().as_secs_f64());
-    Ok(result??)
+    Ok((result??, destination))
 }
 
 /// The error policy kube-runtime calls (only when status itself could not be written):

@@ -4,6 +4,7 @@ mod auth;
 mod controller;
 mod controller_idle;
 mod controller_lifecycle;
+mod controller_prune;
 mod copy;
 mod crd;
 mod faults;

@@ -107,7 +107,8 @@ No wildcards: every group, resource and verb is named.
 {{- define "imagemirror.rules" -}}
 - apiGroups: ["imagemirror.dev"]
   resources: ["imagemirrors"]
-  verbs: ["get", "list", "watch"]
+  # patch: the prune record annotation (imagemirror.dev/prune-record), for spec.prune.
+  verbs: ["get", "list", "watch", "patch"]
 - apiGroups: ["imagemirror.dev"]
   resources: ["imagemirrors/status"]
   verbs: ["get", "patch"]
