@@ -345,3 +345,7 @@ async fn digest_users(
     }
     Ok(users)
 }
+
+#[cfg(test)]
+#[path = "prune_run_tests.rs"]
+mod tests;
