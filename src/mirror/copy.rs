@@ -331,6 +331,12 @@ impl Ctx<'_> {
                 platforms: filtered::platforms_key(&self.job.platforms),
             };
             let kept = manifest.filter_platforms(&what, &self.job.platforms)?;
+            if !self.job.overwrite && dst_digest.as_deref() == Some(kept.digest.as_str()) {
+                // Built by a version that did not annotate: the same content, and a tag that
+                // must not move. (With overwrite the annotated index replaces it once.)
+                out.destination_digest = dst_digest;
+                return Ok(ItemOutcome::UpToDate);
+            }
             filtered::annotate(kept, &what, &from)?
         } else {
             manifest

@@ -239,3 +239,62 @@ async fn a_moved_source_or_changed_platforms_rebuild_the_index() {
     );
     assert_eq!(src_log.len(), 3, "{src_log:#?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_index_filtered_before_annotations_existed_is_kept_or_replaced_once() {
+    let (src, dst) = (TestRegistry::start(), TestRegistry::start());
+    let s = Seeder::new(src.host());
+    s.push_index(
+        "multi",
+        "oci",
+        41,
+        &["linux/amd64", "linux/arm64"],
+        Flavor::Oci,
+    )
+    .await;
+    let one_tag = |overwrite: bool| {
+        mirror_doc(
+            "arm",
+            src.host(),
+            "multi",
+            dst.host(),
+            "arm",
+            &format!(
+                "  tags:\n    names: [oci]\n  platforms: [linux/arm64]\n  overwrite: {overwrite}\n"
+            ),
+        )
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let (code, out, err) = mirror_cli(dir.path(), &one_tag(true), &[]);
+    assert_eq!(code, 0, "{out}{err}");
+    // What an older version wrote: the same filtered index without the annotations.
+    let (media_type, bytes) = s.get_manifest("multi", "oci").await.unwrap();
+    let source = imagemirror::registry::Manifest {
+        digest: imagemirror::registry::digest::sha256_digest(&bytes),
+        media_type,
+        bytes: bytes.into(),
+    };
+    let old = source
+        .filter_platforms("old", &["linux/arm64".to_string()])
+        .unwrap();
+    let d = Seeder::new(dst.host());
+    d.put_manifest("arm", "oci", &old.media_type, &old.bytes)
+        .await;
+    let tag_digest = || async {
+        let (_, b) = d.get_manifest("arm", "oci").await.unwrap();
+        imagemirror::registry::digest::sha256_digest(&b)
+    };
+
+    // overwrite: false must not move the tag: the content is the same.
+    let (code, out, err) = mirror_cli(dir.path(), &one_tag(false), &[]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert_eq!(tag_digest().await, old.digest);
+    // overwrite: true replaces it once with the annotated index; then HEADs only.
+    let (code, out, err) = mirror_cli(dir.path(), &one_tag(true), &[]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert_ne!(tag_digest().await, old.digest);
+    assert_eq!(
+        annotations(&dst, "oci").await[filtered::SOURCE_DIGEST],
+        source.digest.as_str()
+    );
+}
