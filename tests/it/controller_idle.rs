@@ -1,12 +1,15 @@
-//! The real `imagemirror controller` binary with 100 ImageMirrors: all become Ready, idle RSS
-//! is reported, and SIGTERM ends it with exit 0.
+//! The real `imagemirror controller` binary: 100 ImageMirrors all become Ready, idle RSS is
+//! reported, and SIGTERM ends it with exit 0; Secrets in its namespace cost it no memory.
 
-use std::process::{Command, Stdio};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use futures_util::StreamExt;
 use imagemirror::api::ImageMirror;
 use kube::api::{Api, ListParams};
 
+use crate::support::controller::{Fixture, ready};
 use crate::support::kube_api::{ApiServer, helpers};
 use crate::support::{Flavor, Seeder, TestRegistry};
 
@@ -31,12 +34,15 @@ async fn a_hundred_mirrors_become_ready_and_sigterm_exits_cleanly() {
     let api = ApiServer::start().await;
     helpers::create_namespace(&api.client(), "idle").await;
     for i in 0..MIRRORS {
-        let yaml = format!(
-            "apiVersion: imagemirror.dev/v1alpha1\nkind: ImageMirror\nmetadata:\n  name: m{i}\n  namespace: idle\nspec:\n  source:\n    repository: {}/base\n    plainHTTP: true\n  destination:\n    repository: {}/app-{i}\n    plainHTTP: true\n  tags:\n    names: [v1]\n",
-            src.host(),
-            dst.host()
-        );
-        helpers::apply_imagemirror(&api.client(), &yaml).await;
+        Fixture::new(
+            "idle",
+            &format!("m{i}"),
+            &format!("{}/base", src.host()),
+            &format!("{}/app-{i}", dst.host()),
+        )
+        .tags(&["v1"])
+        .apply(&api.client())
+        .await;
     }
     let dir = tempfile::tempdir().unwrap();
     let kubeconfig = api.kubeconfig(dir.path());
@@ -122,5 +128,110 @@ async fn a_hundred_mirrors_become_ready_and_sigterm_exits_cleanly() {
     assert!(
         status.success(),
         "SIGTERM must end the controller with exit 0, got {status}"
+    );
+}
+
+/// Starts the controller binary on the double's kubeconfig, watching `ns`.
+fn start_controller(kubeconfig: &Path, ns: &str) -> Child {
+    let bin = std::env::var("IMAGEMIRROR_TEST_BIN")
+        .unwrap_or_else(|_| env!("CARGO_BIN_EXE_imagemirror").into());
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    Command::new(bin)
+        .args([
+            "controller",
+            "--namespace",
+            ns,
+            "--metrics-addr",
+            &format!("127.0.0.1:{port}"),
+        ])
+        .env("KUBECONFIG", kubeconfig)
+        .env("IMAGEMIRROR_LOG_LEVEL", "warn")
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("start the controller")
+}
+
+/// Runs the controller on `ns` (one mirror, `m`) until the mirror is Ready and the Secret
+/// list was answered and followed by a watch (so the list was read); returns its peak RSS
+/// (`VmHWM`, KiB): a list read whole and dropped would show there even if freed since.
+async fn settled_rss(api: &ApiServer, kubeconfig: &Path, ns: &str) -> u64 {
+    let mut child = start_controller(kubeconfig, ns);
+    let mirrors: Api<ImageMirror> = Api::namespaced(api.client(), ns);
+    helpers::wait_for(&mirrors, "m", Duration::from_secs(120), ready).await;
+    let watched = |api: &ApiServer| {
+        api.count(|r| {
+            r.resource == "secrets" && r.verb == "watch" && r.namespace.as_deref() == Some(ns)
+        })
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while watched(api) == 0 {
+        assert!(Instant::now() < deadline, "no Secret watch in {ns}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let rss = proc_kib(child.id(), "VmHWM:");
+    assert!(child.try_wait().unwrap().is_none(), "the controller exited");
+    let _ = child.kill();
+    let _ = child.wait();
+    rss
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_large_secrets_cost_the_controller_no_memory() {
+    const SECRETS: usize = 1000;
+    let (src, dst) = (TestRegistry::start(), TestRegistry::start());
+    Seeder::new(src.host())
+        .push_image("app", Some("v1"), 82, &[2_000], Flavor::Oci)
+        .await;
+    let api = ApiServer::start().await;
+    let client = api.client();
+    for ns in ["none", "many"] {
+        helpers::create_namespace(&client, ns).await;
+        Fixture::new(
+            ns,
+            "m",
+            &format!("{}/app", src.host()),
+            &format!("{}/{ns}", dst.host()),
+        )
+        .tags(&["v1"])
+        .apply(&client)
+        .await;
+    }
+    // 1000 Secrets of 64 KiB each (about 85 MiB as JSON) in the second namespace.
+    let value = "x".repeat(64 * 1024);
+    futures_util::stream::iter(0..SECRETS)
+        .map(|i| {
+            let (client, value) = (client.clone(), value.clone());
+            async move {
+                helpers::create_secret(
+                    &client,
+                    "many",
+                    &format!("s{i}"),
+                    "Opaque",
+                    &[("blob", &value)],
+                )
+                .await;
+            }
+        })
+        .buffer_unordered(8)
+        .collect::<Vec<()>>()
+        .await;
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = api.kubeconfig(dir.path());
+    let none = settled_rss(&api, &kubeconfig, "none").await;
+    let many = settled_rss(&api, &kubeconfig, "many").await;
+    eprintln!(
+        "controller peak RSS with no Secrets: {none} KiB; with {SECRETS} Secrets of 64 KiB: {many} KiB (difference {} KiB)",
+        many as i64 - none as i64
+    );
+    assert!(none > 0 && many > 0);
+    assert!(
+        many <= none + 5 * 1024,
+        "{SECRETS} Secrets cost {} KiB",
+        many - none
     );
 }

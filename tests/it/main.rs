@@ -1,5 +1,6 @@
 //! Integration tests, one binary: real registries (`docker-registry`) started per test.
 
+mod argocd;
 mod auth;
 mod controller;
 mod controller_idle;
