@@ -60,12 +60,16 @@ pub(super) async fn run(
             |n| {
                 let (session, sent, what) = (&session, &sent, &what);
                 async move {
-                    // Permits are held per attempt, so backoff sleeps and rate-limit waits
-                    // between attempts leave the slots to others.
-                    let _permits = engine
-                        .permits(req.source.host(), req.destination.host(), req.size)
-                        .await;
-                    let work = attempt(req, mount_from, chunk, blind && n == 1, session, sent, tx);
+                    let work = attempt(
+                        engine,
+                        req,
+                        mount_from,
+                        chunk,
+                        blind && n == 1,
+                        session,
+                        sent,
+                        tx,
+                    );
                     watchdog::guard(engine.config().stall, what, sent, tx, work).await
                 }
             },
@@ -84,7 +88,12 @@ pub(super) async fn run(
     result
 }
 
+/// One attempt. Transfer permits are taken only once the destination is known to lack the
+/// blob and released when the attempt ends, so HEADs, backoff sleeps and rate-limit waits
+/// between attempts leave the slots to transfers that move bytes.
+#[allow(clippy::too_many_arguments)]
 async fn attempt(
+    engine: &Engine,
     req: &BlobRequest,
     mount_from: Option<&str>,
     chunk: Option<u64>,
@@ -107,6 +116,9 @@ async fn attempt(
         session.cancel().await;
         return Ok(BlobOutcome::Exists);
     }
+    let _permits = engine
+        .permits(req.source.host(), req.destination.host(), req.size)
+        .await;
     let Some(chunk) = chunk else {
         // Blind, nothing can make the source's bytes unneeded: ask for them while the session
         // opens, one round trip fewer per small blob.

@@ -49,7 +49,7 @@ pub struct EngineConfig {
     /// most one chunk on registries that can resume, and a 1 GiB blob costs 64 requests.
     pub chunk_size: u64,
     /// Requests per second to any one registry host, shared by every mirror in the process;
-    /// `None` does not pace. Either way a `429` with `Retry-After` pauses every request to
+    /// `None` does not pace. Either way a `429` with `Retry-After` pauses the throttled requests to
     /// that host for that long (capped by `retry.max_delay`). Default `None`.
     pub rate_limit: Option<RateLimit>,
     /// Blobs up to this many bytes that are [`BlobRequest::likely_absent`] are uploaded
@@ -150,6 +150,9 @@ struct Book {
     sweep_at: usize,
 }
 
+/// Per-host maps (request buckets, registry limits) are swept of unused entries beyond this.
+const HOSTS_KEPT: usize = 256;
+
 /// Smallest size at which the in-flight maps are swept.
 const SWEEP_MIN: usize = 1024;
 
@@ -236,29 +239,40 @@ impl Engine {
             .per_registry
             .lock()
             .unwrap_or_else(|p| p.into_inner());
+        if map.len() >= HOSTS_KEPT && !map.contains_key(&(host.to_string(), lane)) {
+            // Unused: nobody holds the semaphore, so no permit is out either.
+            map.retain(|_, s| Arc::strong_count(s) > 1);
+        }
         map.entry((host.to_string(), lane))
             .or_insert_with(|| Arc::new(limit(self.inner.config.max_per_registry)))
             .clone()
     }
 
     /// `registry` with its host's request pacing: every request waits its turn in the host's
-    /// bucket, and a `429` with `Retry-After` pauses the host for every client of it. The
+    /// bucket, and throttled requests wait out one pause shared by every client of it. The
     /// engine applies this to the registries of every [`BlobRequest`]; callers wrap the ones
     /// they use for other requests (manifests, tag lists). Do not wrap twice.
     pub fn rate_limited(&self, registry: Arc<dyn Registry>) -> Arc<dyn Registry> {
-        let bucket = {
-            let mut map = self.inner.buckets.lock().unwrap_or_else(|p| p.into_inner());
-            let config = &self.inner.config;
-            map.entry(registry.host().to_string())
-                .or_insert_with(|| {
-                    Arc::new(ratelimit::Bucket::new(
-                        config.rate_limit,
-                        config.retry.max_delay,
-                    ))
-                })
-                .clone()
-        };
+        let bucket = self.bucket(registry.host());
         Arc::new(RateLimited::new(registry, bucket))
+    }
+
+    /// The request bucket of `host`. Buckets nobody holds are dropped once there are many
+    /// (a controller serving many tenants meets many hosts).
+    fn bucket(&self, host: &str) -> Arc<ratelimit::Bucket> {
+        let mut map = self.inner.buckets.lock().unwrap_or_else(|p| p.into_inner());
+        if map.len() >= HOSTS_KEPT && !map.contains_key(host) {
+            map.retain(|_, b| Arc::strong_count(b) > 1);
+        }
+        let config = &self.inner.config;
+        map.entry(host.to_string())
+            .or_insert_with(|| {
+                Arc::new(
+                    ratelimit::Bucket::new(config.rate_limit, config.retry.max_delay)
+                        .with_patience(config.retry.throttle_deadline),
+                )
+            })
+            .clone()
     }
 
     /// The chunk size in effect (the configured one, at least [`MIN_CHUNK`]).

@@ -1,6 +1,10 @@
 //! Request pacing per registry host: a token bucket shared by every client of the host, and a
-//! pause of the whole host when it answers `429` with `Retry-After`, so the other requests in
-//! flight stop asking too instead of each collecting its own 429.
+//! shared pause when it answers `429` (or `503` with `Retry-After`). Requests throttled while a
+//! pause is in effect wait for its end together and ask again in place (429/503 are flow
+//! control: they cost no retry attempt and no progress); requests that were not throttled go
+//! on, because a registry that refuses some requests at random (a proxy, a sharded backend)
+//! would otherwise hold the whole host in pauses. With a configured rate, a pause also pushes
+//! the pacing schedule back, so every request to the host slows down.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -39,6 +43,9 @@ pub(crate) struct Bucket {
     tolerance: Duration,
     /// Longest pause a `Retry-After` may impose.
     max_pause: Duration,
+    /// How long a request that can be sent again keeps waiting out 429/503 answers in place
+    /// before the error goes to the caller (see [`RateLimited`]). Zero: never in place.
+    patience: Duration,
     state: Mutex<Slots>,
 }
 
@@ -70,11 +77,18 @@ impl Bucket {
                 .unwrap_or(MAX_INTERVAL)
                 .min(MAX_INTERVAL),
             max_pause,
+            patience: Duration::ZERO,
             state: Mutex::new(Slots {
                 due: Instant::now(),
                 paused_until: None,
             }),
         }
+    }
+
+    /// Lets re-sendable requests wait out throttling in place for up to `patience`.
+    pub(crate) fn with_patience(mut self, patience: Duration) -> Self {
+        self.patience = patience;
+        self
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Slots> {
@@ -88,8 +102,11 @@ impl Bucket {
                 let mut st = self.lock();
                 let now = Instant::now();
                 let mut slot = now;
+                // Without a configured rate, a pause holds only the requests that were
+                // throttled themselves (see `paced_again`); with one, every request.
                 match st.paused_until {
-                    Some(p) if p > now => slot = p,
+                    Some(p) if p > now && self.interval.is_some() => slot = p,
+                    Some(p) if p > now => {}
                     _ => st.paused_until = None,
                 }
                 if let Some(interval) = self.interval {
@@ -101,28 +118,46 @@ impl Bucket {
             };
             tokio::time::sleep_until(slot).await;
             // A pause that began while this request waited holds it too: take a new slot.
-            let paused = self.lock().paused_until.is_some_and(|p| p > Instant::now());
+            let paused = self.interval.is_some()
+                && self.lock().paused_until.is_some_and(|p| p > Instant::now());
             if !paused {
                 return;
             }
         }
     }
 
+    /// Returns once no pause is in effect, without taking a turn.
+    #[cfg(test)]
+    pub(crate) async fn until_unpaused(&self) {
+        loop {
+            let until = self.lock().paused_until.filter(|p| *p > Instant::now());
+            match until {
+                Some(p) => tokio::time::sleep_until(p).await,
+                None => return,
+            }
+        }
+    }
+
     /// Holds every request to this host for `delay` (capped), then lets them go at the steady
     /// rate rather than in a burst.
-    pub(crate) fn pause(&self, delay: Duration) {
+    /// Returns when the pause ends (a pause already in effect may end later).
+    pub(crate) fn pause(&self, delay: Duration) -> Instant {
         let until = Instant::now() + delay.min(self.max_pause);
         let mut st = self.lock();
-        let until = st.paused_until.map_or(until, |p| p.max(until));
+        let until = st
+            .paused_until
+            .filter(|p| *p > Instant::now())
+            .map_or(until, |p| p.max(until));
         st.paused_until = Some(until);
         if self.interval.is_some() {
             st.due = st.due.max(until + self.tolerance);
         }
+        until
     }
 }
 
 /// A [`Registry`] whose every request first takes a turn from its host's bucket, and whose
-/// `429` answers with `Retry-After` pause the whole host.
+/// throttled requests wait out the host's shared pause and ask again (see the module doc).
 pub struct RateLimited<R: Registry + ?Sized> {
     inner: Arc<R>,
     bucket: Arc<Bucket>,
@@ -133,7 +168,7 @@ impl<R: Registry + ?Sized> RateLimited<R> {
         RateLimited { inner, bucket }
     }
 
-    /// Runs one request in its turn and learns from a 429.
+    /// Runs one request in its turn and learns from a 429 (see [`Bucket::learn`]).
     fn paced<'a, T: Send + 'a>(
         &'a self,
         request: BoxFuture<'a, Result<T>>,
@@ -141,31 +176,64 @@ impl<R: Registry + ?Sized> RateLimited<R> {
         async move {
             self.bucket.acquire().await;
             let result = request.await;
-            // Every request to the host waits out one pause, instead of each collecting its
-            // own 429: a 429 pauses for its Retry-After (else a second), a 503 only when it
-            // says for how long.
-            let pause = match &result {
-                Err(RegistryError::RateLimited { retry_after, .. }) => {
-                    Some(retry_after.unwrap_or(DEFAULT_PAUSE))
-                }
-                Err(RegistryError::Status {
-                    status: 503,
-                    retry_after: Some(delay),
-                    ..
-                }) => Some(*delay),
-                _ => None,
-            };
-            if let Some(delay) = pause {
-                tracing::debug!(
-                    host = self.inner.host(),
-                    ?delay,
-                    "registry asked to slow down"
-                );
-                self.bucket.pause(delay);
-            }
+            self.bucket.learn(self.inner.host(), &result, 1);
             result
         }
         .boxed()
+    }
+
+    /// Like [`Self::paced`] for a request that can be sent again (no streamed body): a `429`
+    /// or `503` is waited out and the same request asked again, for up to the bucket's
+    /// patience, so a throttled step does not cost the transfer around it its progress.
+    fn paced_again<'a, T: Send + 'a>(
+        &'a self,
+        make: impl Fn() -> BoxFuture<'a, Result<T>> + Send + 'a,
+    ) -> BoxFuture<'a, Result<T>> {
+        async move {
+            let started = Instant::now();
+            let mut throttled = 0u32;
+            loop {
+                self.bucket.acquire().await;
+                let result = make().await;
+                throttled += 1;
+                match self.bucket.learn(self.inner.host(), &result, throttled) {
+                    // Requests throttled together wait for the same moment, the end of the
+                    // pause in effect when their 429 came; later 429s do not hold them longer.
+                    Some(until) if until < started + self.bucket.patience => {
+                        tokio::time::sleep_until(until).await;
+                    }
+                    _ => return result,
+                }
+            }
+        }
+        .boxed()
+    }
+}
+
+impl Bucket {
+    /// Learns from an answer. Every request to the host waits out one pause, instead of each
+    /// collecting its own 429: a 429 pauses the host for its Retry-After (else a second), a
+    /// 503 only when it says for how long. Returns how long the request itself should wait
+    /// before asking again when it was throttled (`n`: times in a row, for the backoff when
+    /// the registry gave no Retry-After): when the host's pause ends, or its own backoff.
+    fn learn<T>(&self, host: &str, result: &Result<T>, n: u32) -> Option<Instant> {
+        let (pause, retry_after) = match result {
+            Err(RegistryError::RateLimited { retry_after, .. }) => {
+                (Some(retry_after.unwrap_or(DEFAULT_PAUSE)), *retry_after)
+            }
+            Err(RegistryError::Status {
+                status: 503,
+                retry_after,
+                ..
+            }) => (*retry_after, *retry_after),
+            _ => return None,
+        };
+        if let Some(delay) = pause {
+            tracing::debug!(host, ?delay, "registry asked to slow down");
+            return Some(self.pause(delay));
+        }
+        let backoff = DEFAULT_PAUSE.saturating_mul(1 << n.saturating_sub(1).min(5));
+        Some(Instant::now() + retry_after.unwrap_or(backoff).min(self.max_pause))
     }
 }
 
@@ -178,14 +246,14 @@ impl<R: Registry + ?Sized> Registry for RateLimited<R> {
         repo: &'a str,
         reference: &'a str,
     ) -> BoxFuture<'a, Result<Option<ManifestHead>>> {
-        self.paced(self.inner.head_manifest(repo, reference))
+        self.paced_again(move || self.inner.head_manifest(repo, reference))
     }
     fn get_manifest<'a>(
         &'a self,
         repo: &'a str,
         reference: &'a str,
     ) -> BoxFuture<'a, Result<Manifest>> {
-        self.paced(self.inner.get_manifest(repo, reference))
+        self.paced_again(move || self.inner.get_manifest(repo, reference))
     }
     fn put_manifest<'a>(
         &'a self,
@@ -193,17 +261,17 @@ impl<R: Registry + ?Sized> Registry for RateLimited<R> {
         reference: &'a str,
         manifest: &'a Manifest,
     ) -> BoxFuture<'a, Result<()>> {
-        self.paced(self.inner.put_manifest(repo, reference, manifest))
+        self.paced_again(move || self.inner.put_manifest(repo, reference, manifest))
     }
     fn list_tags<'a>(&'a self, repo: &'a str, max_pages: usize) -> BoxFuture<'a, Result<TagList>> {
-        self.paced(self.inner.list_tags(repo, max_pages))
+        self.paced_again(move || self.inner.list_tags(repo, max_pages))
     }
     fn blob_size<'a>(
         &'a self,
         repo: &'a str,
         digest: &'a str,
     ) -> BoxFuture<'a, Result<Option<u64>>> {
-        self.paced(self.inner.blob_size(repo, digest))
+        self.paced_again(move || self.inner.blob_size(repo, digest))
     }
     fn get_blob<'a>(
         &'a self,
@@ -211,10 +279,10 @@ impl<R: Registry + ?Sized> Registry for RateLimited<R> {
         digest: &'a str,
         offset: u64,
     ) -> BoxFuture<'a, Result<BlobStream>> {
-        self.paced(self.inner.get_blob(repo, digest, offset))
+        self.paced_again(move || self.inner.get_blob(repo, digest, offset))
     }
     fn start_upload<'a>(&'a self, repo: &'a str) -> BoxFuture<'a, Result<String>> {
-        self.paced(self.inner.start_upload(repo))
+        self.paced_again(move || self.inner.start_upload(repo))
     }
     fn mount_blob<'a>(
         &'a self,
@@ -222,7 +290,7 @@ impl<R: Registry + ?Sized> Registry for RateLimited<R> {
         digest: &'a str,
         from: &'a str,
     ) -> BoxFuture<'a, Result<MountOutcome>> {
-        self.paced(self.inner.mount_blob(repo, digest, from))
+        self.paced_again(move || self.inner.mount_blob(repo, digest, from))
     }
     fn put_upload<'a>(
         &'a self,
@@ -249,7 +317,7 @@ impl<R: Registry + ?Sized> Registry for RateLimited<R> {
         repo: &'a str,
         location: &'a str,
     ) -> BoxFuture<'a, Result<(u64, String)>> {
-        self.paced(self.inner.upload_status(repo, location))
+        self.paced_again(move || self.inner.upload_status(repo, location))
     }
     fn finish_upload<'a>(
         &'a self,
@@ -257,7 +325,7 @@ impl<R: Registry + ?Sized> Registry for RateLimited<R> {
         location: &'a str,
         digest: &'a str,
     ) -> BoxFuture<'a, Result<()>> {
-        self.paced(self.inner.finish_upload(repo, location, digest))
+        self.paced_again(move || self.inner.finish_upload(repo, location, digest))
     }
     fn cancel_upload<'a>(&'a self, repo: &'a str, location: &'a str) -> BoxFuture<'a, ()> {
         async move {

@@ -55,20 +55,28 @@ async fn concurrent_waiters_are_served_one_slot_each() {
 }
 
 #[tokio::test(start_paused = true)]
-async fn without_a_rate_only_pauses_hold_requests() {
+async fn without_a_rate_a_pause_holds_only_the_throttled_requests() {
     let bucket = Bucket::new(None, Duration::from_secs(30));
     let start = Instant::now();
     for _ in 0..100 {
         bucket.acquire().await;
     }
     assert_eq!(ms(start), 0);
-    bucket.pause(Duration::from_secs(5));
+    let until = bucket.pause(Duration::from_secs(5));
+    assert_eq!((until - start).as_millis(), 5000);
     bucket.acquire().await;
-    assert_eq!(ms(start), 5000);
-    // A pause longer than the cap is cut to the cap.
-    bucket.pause(Duration::from_secs(3600));
-    bucket.acquire().await;
-    assert_eq!(ms(start), 35_000);
+    assert_eq!(ms(start), 0, "others go on");
+    // A pause longer than the cap is cut to the cap; one in effect is shared.
+    assert_eq!(
+        (bucket.pause(Duration::from_secs(3600)) - start).as_millis(),
+        30_000
+    );
+    assert_eq!(
+        (bucket.pause(Duration::from_secs(1)) - start).as_millis(),
+        30_000
+    );
+    bucket.until_unpaused().await;
+    assert_eq!(ms(start), 30_000);
 }
 
 #[tokio::test(start_paused = true)]
@@ -203,43 +211,46 @@ impl Registry for Fake {
 }
 
 #[tokio::test(start_paused = true)]
-async fn a_429_with_retry_after_pauses_every_client_of_the_host() {
-    let bucket = Arc::new(Bucket::new(None, Duration::from_secs(30)));
+async fn without_patience_a_429_goes_to_the_caller_and_holds_no_one_else() {
+    for retry_after in [Some(Duration::from_secs(2)), None] {
+        let bucket = Arc::new(Bucket::new(None, Duration::from_secs(30)));
+        let fake = Arc::new(Fake {
+            retry_after,
+            calls: AtomicU32::new(0),
+        });
+        let a = RateLimited::new(fake.clone(), bucket.clone());
+        let b = RateLimited::new(fake.clone(), bucket.clone());
+        let start = Instant::now();
+        let err = a.blob_size("limited", "sha256:aa").await.unwrap_err();
+        assert_eq!(err.reason(), "RateLimited");
+        assert_eq!(b.blob_size("other", "sha256:bb").await.unwrap(), Some(1));
+        assert_eq!(ms(start), 0);
+        assert_eq!(fake.calls.load(Ordering::SeqCst), 2);
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn throttled_requests_wait_in_place_for_one_shared_pause_until_patience_runs_out() {
+    let bucket =
+        Arc::new(Bucket::new(None, Duration::from_secs(30)).with_patience(Duration::from_secs(10)));
     let fake = Arc::new(Fake {
         retry_after: Some(Duration::from_secs(2)),
         calls: AtomicU32::new(0),
     });
-    // Two wrappers on one bucket: two clients (say, two credentials) of the same host.
+    // Two clients of one host throttled at once come back together, once.
     let a = RateLimited::new(fake.clone(), bucket.clone());
     let b = RateLimited::new(fake.clone(), bucket.clone());
     let start = Instant::now();
-    let err = a.blob_size("limited", "sha256:aa").await.unwrap_err();
-    assert_eq!(err.reason(), "RateLimited");
-    assert_eq!(b.blob_size("other", "sha256:bb").await.unwrap(), Some(1));
-    assert_eq!(
-        ms(start),
-        2000,
-        "the other client waited out the Retry-After"
+    let (x, y) = tokio::join!(
+        a.blob_size("limited", "sha256:aa"),
+        b.blob_size("limited", "sha256:bb")
     );
-    assert_eq!(fake.calls.load(Ordering::SeqCst), 2);
-}
-
-#[tokio::test(start_paused = true)]
-async fn a_429_without_retry_after_pauses_the_host_for_a_second() {
-    let bucket = Arc::new(Bucket::new(None, Duration::from_secs(30)));
-    let fake = Arc::new(Fake {
-        retry_after: None,
-        calls: AtomicU32::new(0),
-    });
-    let a = RateLimited::new(fake, bucket);
-    let start = Instant::now();
-    assert!(a.blob_size("limited", "sha256:aa").await.is_err());
-    assert_eq!(a.blob_size("other", "sha256:bb").await.unwrap(), Some(1));
-    assert_eq!(
-        ms(start),
-        1000,
-        "one shared pause, as for a Retry-After of 1"
-    );
+    assert_eq!(x.unwrap_err().reason(), "RateLimited");
+    assert_eq!(y.unwrap_err().reason(), "RateLimited");
+    // Asked at 0, 2, 4, 6 and 8 s; the pause after the one at 8 s would end past the
+    // 10 s of patience, so the error stands then.
+    assert_eq!(ms(start), 8000);
+    assert_eq!(fake.calls.load(Ordering::SeqCst), 10);
 }
 
 #[tokio::test(start_paused = true)]

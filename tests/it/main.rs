@@ -9,6 +9,7 @@ mod controller_prune;
 mod copy;
 mod crd;
 mod faults;
+mod hostile;
 mod kube_api;
 mod layout;
 mod memory;

@@ -62,7 +62,11 @@ pub fn run_cli(dir: &Path, args: &[&str]) -> Output {
     std::process::Command::new(env!("CARGO_BIN_EXE_imagemirror"))
         .args(args)
         .env("DOCKER_CONFIG", dir)
-        .env("IMAGEMIRROR_LOG_LEVEL", "warn")
+        // IMAGEMIRROR_TEST_LOG_LEVEL=debug shows the binary's debug log when a test fails.
+        .env(
+            "IMAGEMIRROR_LOG_LEVEL",
+            std::env::var("IMAGEMIRROR_TEST_LOG_LEVEL").unwrap_or_else(|_| "warn".into()),
+        )
         .output()
         .expect("run imagemirror")
 }

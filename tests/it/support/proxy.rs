@@ -44,6 +44,20 @@ pub struct Faults {
     /// Upload POSTs lose their `mount` and `from` parameters, so the registry opens a session
     /// instead of mounting, as a registry that does not mount across repositories does.
     pub refuse_mounts: AtomicBool,
+    /// Percent (0-100) of all requests answered 429 with `Retry-After: 1`, at random.
+    pub rate_limit_percent: AtomicU32,
+    /// Percent (0-100) of blob GETs whose body gets a byte flipped. Which ones is decided by
+    /// hashing the path with how many times it was asked for, so a run is reproducible while
+    /// each re-fetch of a blob gets a fresh draw.
+    pub corrupt_percent: AtomicU32,
+    /// Blob GETs send their body one byte every 10 s.
+    pub trickle_blob_gets: AtomicBool,
+    /// 429s answered because of `rate_limit_percent`.
+    pub rate_limited_sent: AtomicU32,
+    /// Blob GETs corrupted because of `corrupt_percent`.
+    pub corrupted_sent: AtomicU32,
+    /// Times each blob path was asked for, for `corrupt_percent`'s draws.
+    pub blob_gets: std::sync::Mutex<std::collections::HashMap<String, u32>>,
     /// Upload PATCHes seen (counting cut ones).
     pub patches_seen: AtomicU32,
     /// Blob GETs that are being held.
@@ -115,6 +129,28 @@ impl Drop for FaultProxy {
     }
 }
 
+/// Whether this GET of `path` is one of the `corrupt_percent` to corrupt.
+fn corrupt_draw(f: &Faults, path: &str) -> bool {
+    let percent = f.corrupt_percent.load(Ordering::SeqCst);
+    if percent == 0 {
+        return false;
+    }
+    let nth = {
+        let mut gets = f.blob_gets.lock().unwrap();
+        let n = gets.entry(path.to_string()).or_default();
+        *n += 1;
+        *n
+    };
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    (path, nth).hash(&mut h);
+    let hit = h.finish() % 100 < u64::from(percent);
+    if hit {
+        f.corrupted_sent.fetch_add(1, Ordering::SeqCst);
+    }
+    hit
+}
+
 fn status(code: u16, extra: Option<(&str, &str)>) -> Response {
     let mut b = Response::builder().status(code);
     if let Some((k, v)) = extra {
@@ -142,6 +178,11 @@ async fn forward(
         return status(503, None);
     }
     if take(&f.rate_limited) {
+        return status(429, Some(("Retry-After", "1")));
+    }
+    let percent = f.rate_limit_percent.load(Ordering::SeqCst);
+    if percent > 0 && rand::random_range(0..100) < percent {
+        f.rate_limited_sent.fetch_add(1, Ordering::SeqCst);
         return status(429, Some(("Retry-After", "1")));
     }
     let method = req.method().clone();
@@ -252,7 +293,24 @@ async fn forward(
         }
     }
     let reset = is_blob_get && take(&f.reset_blob_gets);
-    let corrupt = is_blob_get && f.corrupt_blobs.load(Ordering::SeqCst);
+    let drawn = is_blob_get && corrupt_draw(f, &path);
+    let corrupt = is_blob_get && (f.corrupt_blobs.load(Ordering::SeqCst) || drawn);
+    if is_blob_get && f.trickle_blob_gets.load(Ordering::SeqCst) {
+        let body = resp.bytes().await.unwrap_or_default();
+        let trickle = futures_util::stream::unfold(0usize, move |i| {
+            let body = body.clone();
+            async move {
+                if i >= body.len() {
+                    return None;
+                }
+                if i > 0 {
+                    tokio::time::sleep(std::time::Duration::from_secs(10)).await;
+                }
+                Some((Ok::<_, std::io::Error>(body.slice(i..i + 1)), i + 1))
+            }
+        });
+        return out.body(Body::from_stream(trickle)).unwrap();
+    }
     let mut sent = 0usize;
     let stream = resp.bytes_stream().map(move |chunk| {
         let chunk = chunk.map_err(std::io::Error::other)?;

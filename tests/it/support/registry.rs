@@ -172,6 +172,24 @@ impl TestRegistry {
         format!("{scheme}://{}", self.host)
     }
 
+    /// Runs `docker-registry garbage-collect` on this registry's storage (the registry keeps
+    /// serving; it has no blob cache configured, so it sees the result at once). Returns the
+    /// tool's output; panics when it fails.
+    pub fn garbage_collect(&self) -> String {
+        let out = Command::new(binary())
+            .arg("garbage-collect")
+            .arg(self._dir.path().join("config.yml"))
+            .output()
+            .expect("run docker-registry garbage-collect");
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(out.status.success(), "garbage-collect failed: {text}");
+        text
+    }
+
     /// Every request the registry has answered, as `METHOD /path?query`, from its access log.
     /// A sentinel request is sent and awaited first, so everything answered before the call is
     /// in the list.

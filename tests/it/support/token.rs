@@ -31,6 +31,9 @@ pub struct TokenConfig {
     pub anonymous_pull: bool,
     /// `expires_in` of issued tokens, seconds.
     pub lifetime_secs: u64,
+    /// Every password that starts with `password` is good, as if each were the current one of
+    /// a rotation (a new Secret content per sync).
+    pub rotating_passwords: bool,
 }
 
 impl TokenConfig {
@@ -41,6 +44,7 @@ impl TokenConfig {
             password: password.into(),
             anonymous_pull: false,
             lifetime_secs: 300,
+            rotating_passwords: false,
         }
     }
 }
@@ -195,7 +199,11 @@ async fn token(
     }
     let presented = headers.contains_key(header::AUTHORIZATION);
     let account = basic(&headers)
-        .filter(|(u, p)| *u == s.config.user && *p == s.config.password)
+        .filter(|(u, p)| {
+            *u == s.config.user
+                && (*p == s.config.password
+                    || (s.config.rotating_passwords && p.starts_with(&s.config.password)))
+        })
         .map(|(u, _)| u);
     let record = |account: Option<String>, status: StatusCode| {
         s.log.lock().unwrap().push(TokenRequest {
