@@ -1,1 +1,1 @@
-//! placeholder
+//! Soak: many syncs with rotating credentials keep memory flat (see `soak`).
