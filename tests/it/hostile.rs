@@ -81,17 +81,28 @@ async fn copy_all(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn twenty_percent_429s_on_both_sides_copy_every_tag_within_three_times_the_fault_free_time() {
     let src = TestRegistry::start();
-    let (clean_dst, dst) = (TestRegistry::start(), TestRegistry::start());
-    let images = eight_tags(src.host(), 16 << 20).await;
+    let (clean_a, clean_b, dst) = (
+        TestRegistry::start(),
+        TestRegistry::start(),
+        TestRegistry::start(),
+    );
+    // Layers large enough that the fault-free run is not dominated by round trips: a 429 costs
+    // a second (its Retry-After) on the chain of requests it hits, whatever the workload.
+    let images = eight_tags(src.host(), 24 << 20).await;
     let dir = tempfile::tempdir().unwrap();
-    let dir = Box::leak(Box::new(dir));
-    // The fault-free run goes through the same kind of proxies, with no faults.
+    // The fault-free runs go through the same kind of proxies, with no faults, one before and
+    // one after the faulted run: the machine's load drifts, their mean is the baseline.
     let (sp, dp) = (
         FaultProxy::start(src.host()).await,
-        FaultProxy::start(clean_dst.host()).await,
+        FaultProxy::start(clean_a.host()).await,
     );
-    let docs = eight_docs(sp.host(), dp.host());
-    let fault_free = copy_all(dir.path(), &docs, &clean_dst, &images).await;
+    let before = copy_all(
+        dir.path(),
+        &eight_docs(sp.host(), dp.host()),
+        &clean_a,
+        &images,
+    )
+    .await;
     let (sp, dp) = (
         FaultProxy::start(src.host()).await,
         FaultProxy::start(dst.host()).await,
@@ -100,12 +111,24 @@ async fn twenty_percent_429s_on_both_sides_copy_every_tag_within_three_times_the
         p.faults.rate_limit_percent.store(20, Ordering::SeqCst);
     }
     let limited = copy_all(dir.path(), &eight_docs(sp.host(), dp.host()), &dst, &images).await;
+    let (cp, cd) = (
+        FaultProxy::start(src.host()).await,
+        FaultProxy::start(clean_b.host()).await,
+    );
+    let after = copy_all(
+        dir.path(),
+        &eight_docs(cp.host(), cd.host()),
+        &clean_b,
+        &images,
+    )
+    .await;
+    let fault_free = (before + after) / 2;
     let (s429, d429) = (
         sp.faults.rate_limited_sent.load(Ordering::SeqCst),
         dp.faults.rate_limited_sent.load(Ordering::SeqCst),
     );
     println!(
-        "8 tags: fault-free {fault_free:?}, with 20% 429 + Retry-After: 1 on both sides {limited:?} ({s429} source and {d429} destination 429s), ratio {:.2}",
+        "8 tags: fault-free {fault_free:?} (mean of {before:?} and {after:?}), with 20% 429 + Retry-After: 1 on both sides {limited:?} ({s429} source and {d429} destination 429s), ratio {:.2}",
         limited.as_secs_f64() / fault_free.as_secs_f64()
     );
     assert!(s429 > 0 && d429 > 0, "both sides rate-limited");
