@@ -155,7 +155,11 @@ async fn hostile(State(d): State<Arc<Double>>, headers: HeaderMap, req: Request)
             &[("Location", "/v2/big/blobs/uploads/s1".into())],
             Body::empty(),
         ),
-        (Method::PATCH, "/v2/big/blobs/uploads/s1") => answer(500, &[], Body::from("no")),
+        (Method::PATCH, "/v2/big/blobs/uploads/s1") => {
+            // Read the chunk first, so the client gets the answer rather than a broken pipe.
+            let _ = axum::body::to_bytes(req.into_body(), 1 << 20).await;
+            answer(500, &[], Body::from("no"))
+        }
         // Small blobs (the config) go up in one PUT, which is taken.
         (Method::PUT, "/v2/big/blobs/uploads/s1") => answer(201, &[], Body::empty()),
         (Method::GET, "/v2/big/blobs/uploads/s1") => {
