@@ -547,3 +547,167 @@ async fn an_export_killed_mid_blob_leaves_a_valid_layout_and_the_rerun_writes_on
     assert_eq!(state("small"), "UpToDate", "{stdout}");
     assert_eq!(state("big"), "Copied", "{stdout}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_controller_stalls_on_a_layout_naming_the_field() {
+    use crate::support::kube_api::TestCluster;
+    use imagemirror::controller::ControllerConfig;
+    let src = TestRegistry::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let layout = tmp.path().join("layout");
+    let cluster = TestCluster::start().await;
+    let ns = cluster.fresh_namespace("im").await;
+    let config = ControllerConfig {
+        namespaces: vec![ns.clone()],
+        ..ControllerConfig::default()
+    };
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(imagemirror::controller::run(
+        cluster.client(),
+        config,
+        async move {
+            let _ = stopped.await;
+        },
+    ));
+    let yaml = format!(
+        "apiVersion: imagemirror.dev/v1alpha1\nkind: ImageMirror\nmetadata:\n  name: export\n  namespace: {ns}\nspec:\n  source:\n{}  destination:\n{}{}",
+        plain(src.host(), "app"),
+        local(&format!("oci:{}", layout.display())),
+        tags(&["v1"]),
+    );
+    cluster.apply_imagemirror(&yaml).await;
+    let stalled = cluster
+        .wait_for(&ns, "export", std::time::Duration::from_secs(60), |m| {
+            m.status.as_ref().is_some_and(|s| {
+                s.conditions
+                    .iter()
+                    .any(|c| c.type_ == "Stalled" && c.status == "True")
+            })
+        })
+        .await;
+    let status = stalled.status.unwrap();
+    let c = status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "Stalled")
+        .unwrap();
+    assert_eq!(c.reason, "UnsupportedTransport");
+    assert!(
+        c.message.contains("spec.destination.repository"),
+        "{}",
+        c.message
+    );
+    assert!(!layout.exists(), "the controller touched the local disk");
+    let _ = stop.send(());
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(30), task).await;
+    cluster.delete_namespace(&ns).await;
+}
+
+/// The names in a tar file, in order (GNU tar).
+fn tar_names(archive: &Path) -> Vec<String> {
+    let out = Command::new("tar")
+        .arg("-tf")
+        .arg(archive)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "tar -tf: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_string)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_archive_cut_inside_an_entry_is_completed_by_the_next_run_and_chunks_are_staged() {
+    let (src, dst) = (TestRegistry::start(), TestRegistry::start());
+    let s = Seeder::new(src.host());
+    let small = s
+        .push_image("team/app", Some("small"), 13, &[40_000], Flavor::Oci)
+        .await;
+    // Over the chunked threshold used below: goes through the staging directory.
+    let big = s
+        .push_image("team/app", Some("big"), 14, &[3 << 20], Flavor::Docker)
+        .await;
+    let tmp = tempfile::tempdir().unwrap();
+    let archive = tmp.path().join("out.tar");
+    let via = format!("oci-archive:{}", archive.display());
+    let export = |names: &[&str]| {
+        mirror_doc_sides(
+            "out",
+            &plain(src.host(), "team/app"),
+            &local(&via),
+            &tags(names),
+        )
+    };
+    let chunked = ["--chunked-threshold", "1MiB", "--chunk-size", "1MiB"];
+    let (code, stdout, stderr) = mirror_cli(tmp.path(), &export(&["small"]), &chunked);
+    assert_eq!(code, 0, "{stdout}\n{stderr}");
+    // As if a writer was killed inside a blob: the end-of-archive blocks gone, a header
+    // promising 1 MiB and only part of it written.
+    let mut bytes = std::fs::read(&archive).unwrap();
+    assert!(bytes.ends_with(&[0u8; 1024]));
+    bytes.truncate(bytes.len() - 1024);
+    let complete = bytes.len();
+    let mut header = [0u8; 512];
+    header[..30].copy_from_slice(format!("blobs/sha256/{}", "c".repeat(17)).as_bytes());
+    header[124..136].copy_from_slice(b"00004000000\0");
+    header[156] = b'0';
+    header[148..156].copy_from_slice(b"        ");
+    let sum: u32 = header.iter().map(|b| u32::from(*b)).sum();
+    header[148..156].copy_from_slice(format!("{sum:06o}\0 ").as_bytes());
+    bytes.extend_from_slice(&header);
+    bytes.extend_from_slice(&vec![7u8; 300_000]);
+    std::fs::write(&archive, &bytes).unwrap();
+
+    let (code, stdout, stderr) = mirror_cli(
+        tmp.path(),
+        &export(&["small", "big"]),
+        &[&chunked[..], &["--output", "json"]].concat(),
+    );
+    assert_eq!(code, 0, "{stdout}\n{stderr}");
+    let rows = json_rows(&stdout);
+    let state = |item: &str| rows.iter().find(|r| r["item"] == item).unwrap()["state"].clone();
+    assert_eq!(state("small"), "UpToDate", "{stdout}");
+    assert_eq!(state("big"), "Copied", "{stdout}");
+    let after = std::fs::read(&archive).unwrap();
+    assert_eq!(
+        &after[..complete - 1024],
+        &bytes[..complete - 1024],
+        "complete entries kept as they were"
+    );
+    let names = tar_names(&archive);
+    let mut blobs: Vec<&String> = names
+        .iter()
+        .filter(|n| n.starts_with("blobs/sha256/") && n.len() > 13)
+        .collect();
+    let n = blobs.len();
+    blobs.dedup();
+    assert_eq!(blobs.len(), n, "a blob stored twice: {names:?}");
+    assert_eq!(
+        names.iter().filter(|n| *n == "index.json").count(),
+        1,
+        "{names:?}"
+    );
+    assert!(
+        !names.iter().any(|n| n.contains("ccccc")),
+        "the cut entry survived: {names:?}"
+    );
+    // skopeo reads the OCI tag; imagemirror brings both back byte-identical.
+    let raw = skopeo_ok(&["inspect", "--raw", &format!("{via}:small")]);
+    assert_eq!(sha256_digest(raw.as_bytes()), small.digest);
+    let back = mirror_doc_sides(
+        "in",
+        &local(&via),
+        &plain(dst.host(), "team/app"),
+        &tags(&["small", "big"]),
+    );
+    let (code, stdout, stderr) = mirror_cli(tmp.path(), &back, &[]);
+    assert_eq!(code, 0, "{stdout}\n{stderr}");
+    let d = Seeder::new(dst.host());
+    d.assert_copy_of("team/app", "small", &small).await;
+    d.assert_copy_of("team/app", "big", &big).await;
+}
