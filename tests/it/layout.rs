@@ -711,3 +711,41 @@ async fn an_archive_cut_inside_an_entry_is_completed_by_the_next_run_and_chunks_
     d.assert_copy_of("team/app", "small", &small).await;
     d.assert_copy_of("team/app", "big", &big).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn referrers_travel_through_a_layout_as_through_a_registry() {
+    use crate::support::artifacts::{IN_TOTO, SPDX, attach, cosign_signature, push_fallback_index};
+    let (src, dst) = (TestRegistry::start(), TestRegistry::start());
+    let s = Seeder::new(src.host());
+    let image = s
+        .push_image("app", Some("v1"), 15, &[20_000], Flavor::Oci)
+        .await;
+    let (sig, sig_tag) = cosign_signature(&s, "app", &format!("{}/app", src.host()), &image).await;
+    let sbom = attach(&s, "app", &image, SPDX, br#"{"spdxVersion":"SPDX-2.3"}"#).await;
+    let att = attach(&s, "app", &image, IN_TOTO, br#"{"_type":"in-toto"}"#).await;
+    push_fallback_index(&s, "app", &image.digest, &[&sbom, &att]).await;
+    let tmp = tempfile::tempdir().unwrap();
+    let via = format!("oci:{}", tmp.path().join("layout").display());
+    let refs = format!("{}  referrers:\n    enabled: true\n", tags(&["v1"]));
+    for (name, from, to) in [
+        ("out", plain(src.host(), "app"), local(&via)),
+        ("in", local(&via), plain(dst.host(), "app")),
+    ] {
+        let (code, stdout, stderr) = mirror_cli(
+            tmp.path(),
+            &mirror_doc_sides(name, &from, &to, &refs),
+            &["--output", "json"],
+        );
+        assert_eq!(code, 0, "{stdout}\n{stderr}");
+        let rows = json_rows(&stdout);
+        assert_eq!(rows[0]["state"], "Copied", "{name}: {stdout}");
+        assert_eq!(rows[0]["referrers"], 3, "{name}: {stdout}");
+    }
+    let d = Seeder::new(dst.host());
+    d.assert_copy_of("app", "v1", &image).await;
+    d.assert_copy_of("app", &sig_tag, &sig).await;
+    for art in [&sbom, &att] {
+        d.assert_copy_of("app", &art.pushed.digest, &art.pushed)
+            .await;
+    }
+}
