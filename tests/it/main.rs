@@ -12,6 +12,7 @@ mod faults;
 mod hostile;
 mod kube_api;
 mod layout;
+mod layout_crash;
 mod memory;
 mod platforms;
 mod prune;

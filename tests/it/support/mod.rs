@@ -5,6 +5,7 @@ pub mod controller;
 pub mod cut;
 pub mod image;
 pub mod kube_api;
+pub mod layout;
 pub mod proxy;
 pub mod referrers_api;
 pub mod registry;
