@@ -1,8 +1,8 @@
 //! A layout in one tar file. Read without unpacking: one scan of the headers finds every
 //! blob's offset, and blobs stream from there. Written by appending: each blob streams
-//! straight into the archive as one entry (its size is known up front), then `index.json`
-//! after every tag, so the archive is a complete layout after every tag. The next append
-//! replaces that trailing `index.json`, so the file holds one. Blobs big enough for chunked
+//! straight into the archive as one entry (its size is known up front), and `index.json` is
+//! appended after every append, so the archive is a complete layout between appends. The next
+//! append overwrites that trailing `index.json`, so the file holds one. Blobs big enough for chunked
 //! uploads are staged in a directory beside the archive and appended once whole.
 //!
 //! A killed writer leaves an archive that ends inside an entry; the next run cuts that entry
@@ -309,7 +309,7 @@ impl ArchiveStore {
         if let Err(e) = written {
             // Cut the failed entry off; the archive is as it was.
             let _ = tail.file.set_len(start).await;
-            let _ = finish_tail(&mut tail).await;
+            let _ = self.restore_index(&mut tail).await;
             return Err(e);
         }
         let entry = Entry {
@@ -318,8 +318,50 @@ impl ArchiveStore {
             size,
         };
         tail.end = start + BLOCK + size + tar::padding(size);
-        finish_tail(&mut tail).await.map_err(err)?;
         self.record(name, entry);
+        self.restore_index(&mut tail).await
+    }
+
+    /// Appends `index.json` again after an append took its place, so the archive is a whole
+    /// layout between appends (a run that ends in a failed tag still leaves the others).
+    async fn restore_index(&self, tail: &mut Tail) -> Result<(), RegistryError> {
+        let index = self
+            .contents()
+            .await?
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .index
+            .clone();
+        match index {
+            Some(index) => self.write_index(tail, &index).await,
+            None => finish_tail(tail).await.map_err(|e| io_error(&self.path, e)),
+        }
+    }
+
+    /// Appends `index` as `index.json` in place of the trailing one and ends the archive.
+    async fn write_index(&self, tail: &mut Tail, index: &Index) -> Result<(), RegistryError> {
+        let bytes = index.to_bytes();
+        drop_index(tail);
+        let start = tail.end;
+        append(tail, "index.json", tar::FILE, &bytes)
+            .await
+            .map_err(|e| match e {
+                RegistryError::Storage { detail, .. } => RegistryError::Storage {
+                    what: self.what(),
+                    detail,
+                },
+                other => other,
+            })?;
+        tail.index_at = Some(start);
+        finish_tail(tail)
+            .await
+            .map_err(|e| io_error(&self.path, e))?;
+        let entry = Entry {
+            header: start,
+            data: start + BLOCK,
+            size: bytes.len() as u64,
+        };
+        self.record("index.json".into(), entry);
         Ok(())
     }
 
@@ -338,33 +380,13 @@ impl ArchiveStore {
             c.index.clone().unwrap_or_default()
         };
         index.set(name, media_type, digest, size);
-        let bytes = index.to_bytes();
-        drop_index(&mut tail);
-        let start = tail.end;
-        let err = |e| io_error(&self.path, e);
-        append(&mut tail, "index.json", tar::FILE, &bytes)
-            .await
-            .map_err(|e| match e {
-                RegistryError::Storage { detail, .. } => RegistryError::Storage {
-                    what: self.what(),
-                    detail,
-                },
-                other => other,
-            })?;
-        tail.index_at = Some(start);
-        finish_tail(&mut tail).await.map_err(err)?;
+        self.write_index(&mut tail, &index).await?;
         // The commit point of the tag: on disk before we say it is done.
-        tail.file.sync_data().await.map_err(err)?;
-        let mut c = contents.lock().unwrap_or_else(|p| p.into_inner());
-        c.index = Some(index);
-        c.files.insert(
-            "index.json".into(),
-            Entry {
-                header: start,
-                data: start + BLOCK,
-                size: bytes.len() as u64,
-            },
-        );
+        tail.file
+            .sync_data()
+            .await
+            .map_err(|e| io_error(&self.path, e))?;
+        contents.lock().unwrap_or_else(|p| p.into_inner()).index = Some(index);
         Ok(())
     }
 
