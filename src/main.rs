@@ -10,7 +10,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use tracing_subscriber::fmt::writer::BoxMakeWriter;
 
 use imagemirror::cli::{self, Bars, MirrorOptions, OutputFormat, ProgressMode};
-use imagemirror::controller::{ControllerConfig, LeaderElection};
+use imagemirror::controller::{ControllerConfig, LeaderElection, Sharding};
 use imagemirror::transfer::{EngineConfig, RetryPolicy, StallWatchdog};
 
 /// Keeps container images mirrored between registries.
@@ -129,6 +129,21 @@ struct ControllerArgs {
     /// Seconds running syncs get to finish after SIGTERM before they are cancelled.
     #[arg(long, default_value_t = 20)]
     shutdown_grace_seconds: u64,
+    /// Split the ImageMirrors into this many shards (by UID), each owned through a Lease
+    /// `imagemirror-shard-<i>` in the leader-election namespace; replicas share the shards.
+    /// 1: no sharding (leader election as --leader-elect says); above 1 replaces it.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=256))]
+    shards: u32,
+    /// Watch only ImageMirrors matching this label selector (static sharding: one
+    /// Deployment per label value), e.g. `imagemirror.dev/shard=a`.
+    #[arg(long)]
+    selector: Option<String>,
+    /// Lifetime of the leader-election and shard Leases, in seconds.
+    #[arg(long, default_value_t = 15)]
+    lease_duration_seconds: u64,
+    /// A holder renews its Leases this many seconds before they expire (less than the duration).
+    #[arg(long, default_value_t = 5)]
+    lease_grace_seconds: u64,
 }
 
 impl ControllerArgs {
@@ -140,20 +155,38 @@ impl ControllerArgs {
         let identity = self
             .identity
             .unwrap_or_else(|| format!("imagemirror-{:08x}", rand::random::<u32>()));
+        let (duration, grace) = (self.lease_duration_seconds, self.lease_grace_seconds);
+        if grace == 0 || grace >= duration {
+            return Err(format!(
+                "--lease-grace-seconds {grace} must be above 0 and below --lease-duration-seconds {duration}"
+            ));
+        }
+        if let Some(s) = &self.selector {
+            imagemirror::controller::shards::check_selector(s)?;
+        }
+        let sharding = (self.shards > 1).then(|| Sharding {
+            shards: self.shards,
+            namespace: self.leader_election_namespace.clone(),
+            identity: identity.clone(),
+            duration_seconds: duration,
+            grace_seconds: grace,
+        });
         Ok(ControllerConfig {
             namespaces: self.namespaces,
             engine: self.engine.config(),
             item_concurrency: self.engine.concurrency.max(1),
             metrics_addr: Some(metrics_addr),
-            leader_election: self.leader_elect.then_some(LeaderElection {
+            leader_election: (self.leader_elect && sharding.is_none()).then_some(LeaderElection {
                 namespace: self.leader_election_namespace,
                 lease_name: self.lease_name,
                 identity,
-                duration_seconds: 15,
-                grace_seconds: 5,
+                duration_seconds: duration,
+                grace_seconds: grace,
             }),
             ca_file: self.ca_file,
             shutdown_grace: std::time::Duration::from_secs(self.shutdown_grace_seconds),
+            sharding,
+            selector: self.selector,
             ..ControllerConfig::default()
         })
     }

@@ -74,6 +74,8 @@ pub struct Metrics {
     pub sync_duration: Histogram,
     /// Blob transfers in flight in the shared engine.
     pub in_flight: Gauge,
+    /// Shards whose Lease this replica holds (0 when not sharded).
+    pub shards_held: Gauge,
     per_mirror: Mutex<HashMap<String, MirrorCounts>>,
 }
 
@@ -94,6 +96,7 @@ impl Metrics {
         let blobs = Family::<OutcomeLabel, Counter>::default();
         let sync_duration = Histogram::new(exponential_buckets(0.05, 2.0, 16));
         let in_flight = Gauge::default();
+        let shards_held = Gauge::default();
         registry.register(
             "imagemirror_reconcile",
             "Reconciles by result",
@@ -125,6 +128,11 @@ impl Metrics {
             "Blob transfers running in the shared engine",
             in_flight.clone(),
         );
+        registry.register(
+            "imagemirror_shards_held",
+            "Shard Leases this replica holds (sharded controllers only)",
+            shards_held.clone(),
+        );
         Metrics {
             registry,
             reconciles,
@@ -134,6 +142,7 @@ impl Metrics {
             blobs,
             sync_duration,
             in_flight,
+            shards_held,
             per_mirror: Mutex::new(HashMap::new()),
         }
     }

@@ -9,6 +9,8 @@ mod publish;
 mod reconcile;
 mod secrets;
 mod state;
+mod shard_leases;
+pub mod shards;
 pub mod status;
 mod watches;
 
@@ -31,6 +33,7 @@ pub use metrics::Metrics;
 pub use outcome::ReconcileError;
 pub use reconcile::{FIELD_MANAGER, error_policy, reconcile};
 pub use secrets::SecretError;
+pub use shard_leases::Sharding;
 
 use crate::api::ImageMirrorSpec;
 use crate::mirror::ClientPool;
@@ -58,6 +61,11 @@ pub struct ControllerConfig {
     /// Ready) sync at a random point within this window instead of all at once; Ready ones
     /// keep their `status.nextSyncTime`. Default 5 min.
     pub resync_spread: Duration,
+    /// Sharding across replicas with shard Leases; `None` (one shard) runs as before.
+    /// Replaces leader election when set. Default none.
+    pub sharding: Option<Sharding>,
+    /// Label selector: only ImageMirrors matching it are watched (static sharding). Default none.
+    pub selector: Option<String>,
 }
 
 impl Default for ControllerConfig {
@@ -71,6 +79,8 @@ impl Default for ControllerConfig {
             ca_file: None,
             shutdown_grace: Duration::from_secs(20),
             resync_spread: Duration::from_secs(300),
+            sharding: None,
+            selector: None,
         }
     }
 }
@@ -112,6 +122,8 @@ pub struct Context {
     states: state::States,
     /// The caches of the running watches (replaced when leadership is re-acquired).
     caches: Mutex<watches::Caches>,
+    /// The shards held, when sharded.
+    shards: Option<Arc<shards::ShardSet>>,
 }
 
 impl Context {
@@ -176,10 +188,15 @@ pub async fn run(
         });
     }
     let identity = config
-        .leader_election
+        .sharding
         .as_ref()
-        .map(|l| l.identity.clone())
+        .map(|s| s.identity.clone())
+        .or_else(|| config.leader_election.as_ref().map(|l| l.identity.clone()))
         .unwrap_or_else(|| "imagemirror".into());
+    let shard_set = config
+        .sharding
+        .as_ref()
+        .map(|s| Arc::new(shards::ShardSet::new(s.shards, metrics.shards_held.clone())));
     let ctx = Arc::new(Context {
         client: client.clone(),
         engine,
@@ -197,11 +214,17 @@ pub async fn run(
         resync_spread: config.resync_spread,
         states: state::States::default(),
         caches: Mutex::new(watches::Caches::default()),
+        shards: shard_set.clone(),
     });
     // Ready means "up and able to serve": a replica waiting for the lease is ready too, so
     // rolling updates can proceed.
     ready.store(true, std::sync::atomic::Ordering::Relaxed);
 
+    if let (Some(sharding), Some(set)) = (&config.sharding, shard_set) {
+        let work = watches::run_controllers(ctx, &config, stopped(stop_rx.clone()));
+        shard_leases::run_sharded(client, sharding, set, work).await;
+        return Ok(());
+    }
     match &config.leader_election {
         None => {
             watches::run_controllers(ctx, &config, stopped(stop_rx.clone())).await;

@@ -205,7 +205,10 @@ pub(super) fn first_due(
     spread: Duration,
     now: Timestamp,
 ) -> Timestamp {
-    if prev.observed_generation != generation || prev.conditions.is_empty() {
+    // Reconciling=True: a sync of this generation started and never finished (its replica
+    // stopped or lost the shard); the work is still wanted, now.
+    let interrupted = condition(prev, types::RECONCILING).is_some_and(|c| c.status == "True");
+    if prev.observed_generation != generation || prev.conditions.is_empty() || interrupted {
         return now;
     }
     let ready = condition(prev, types::READY).is_some_and(|c| c.status == "True");
@@ -366,8 +369,20 @@ mod tests {
             Some(3),
             t(0),
         );
+        status::set_condition(
+            &mut ready.conditions,
+            "Reconciling",
+            "False",
+            "Synced",
+            "",
+            Some(3),
+            t(0),
+        );
         ready.next_sync_time = Some(Time(t(3000)));
         assert_eq!(first_due(&ready, Some(3), spread, t(10)), t(3000));
+        // A sync of generation 4 started elsewhere and never finished: due now.
+        let interrupted = status::progressing(&ready, Some(4), t(20));
+        assert_eq!(first_due(&interrupted, Some(4), spread, t(30)), t(30));
         // A new generation is due now.
         assert_eq!(first_due(&ready, Some(4), spread, t(10)), t(10));
         // Overdue: somewhere in the next minute, not all at once.

@@ -105,7 +105,7 @@ pub async fn run_controllers(
         caches.secrets.push((ns.clone(), secret_cache));
         let cfg = watcher::Config::default().any_semantic();
         let observer = ctx.clone();
-        let mirror_events = watcher(mirrors, cfg.clone())
+        let mirror_events = watcher(mirrors, super::shards::mirror_watch(cfg.clone(), config))
             .default_backoff()
             .reflect(mirror_writer)
             .inspect_ok(move |ev| observe(&observer, ev))
@@ -115,7 +115,7 @@ pub async fn run_controllers(
             .reflect(secret_writer)
             .touched_objects();
         let store = mirror_cache.clone();
-        let controller = Controller::for_stream(mirror_events, mirror_cache).watches_stream(
+        let mut controller = Controller::for_stream(mirror_events, mirror_cache).watches_stream(
             secret_events,
             move |secret: PartialObjectMeta<Secret>| {
                 // A Secret (re)appearing, changing or going wakes the mirrors that name it.
@@ -130,12 +130,19 @@ pub async fn run_controllers(
                     .collect::<Vec<_>>()
             },
         );
+        if let Some(set) = &ctx.shards {
+            controller = controller.reconcile_all_on(set.gained());
+        }
         let stop = stop.clone();
         let ctx = ctx.clone();
         runs.push(async move {
             controller
                 .graceful_shutdown_on(stop)
-                .run(reconcile, error_policy, ctx)
+                .run(
+                    |obj, ctx| super::shards::reconcile_in_shard(obj, ctx, reconcile),
+                    error_policy,
+                    ctx,
+                )
                 .for_each(|r| async move {
                     if let Err(e) = r {
                         tracing::debug!(error = %e, "controller event");

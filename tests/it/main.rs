@@ -18,5 +18,6 @@ mod platforms;
 mod prune;
 mod referrers;
 mod resume;
+mod sharding;
 mod support;
 mod validation;

@@ -2,6 +2,7 @@
 
 pub mod artifacts;
 pub mod controller;
+pub mod controller_proc;
 pub mod cut;
 pub mod image;
 pub mod kube_api;
