@@ -183,7 +183,7 @@ def rule_tuples(rules):
 
 
 def is_lease_role(d):
-    return d["metadata"]["name"].endswith("-leader-election")
+    return d["metadata"]["name"].endswith(("-leader-election", "-shard-leases"))
 
 
 def check_controller_binding(binding, kind, name, where):
@@ -289,6 +289,37 @@ def c_leader(f, state):
         expect(b["metadata"].get("namespace") == RELEASE_NS, f"lease RoleBinding is in {b['metadata'].get('namespace')}")
         check_controller_binding(b, "Role", lease_roles[0]["metadata"]["name"], "lease RoleBinding")
     expect(strategy == "RollingUpdate", f"strategy is {strategy}, expected RollingUpdate with leader election")
+
+
+def c_sharded(f, shards, replicas, selector=""):
+    global _docs
+    _docs = docs = load(f)
+    dep, _ = container(docs)
+    expect(flag_values(docs, "--shards") == [shards], f"--shards is {flag_values(docs, '--shards')}, expected [{shards}]")
+    expect(flag_values(docs, "--leader-election-namespace") == [RELEASE_NS],
+           f"--leader-election-namespace is {flag_values(docs, '--leader-election-namespace')}, expected [{RELEASE_NS}]")
+    for flag in ("--leader-elect", "--lease-name"):
+        expect(not flag_values(docs, flag), f"{flag} passed although the shard Leases replace leader election")
+    want_sel = [selector] if selector else []
+    expect(flag_values(docs, "--selector") == want_sel, f"--selector is {flag_values(docs, '--selector')}, expected {want_sel}")
+    expect((dep or {}).get("spec", {}).get("replicas") == int(replicas), f"replicas differ from {replicas}")
+    strategy = (dep or {}).get("spec", {}).get("strategy", {}).get("type")
+    expect(strategy == "RollingUpdate", f"strategy is {strategy}, expected RollingUpdate with shard Leases")
+    roles = [d for d in of_kind(docs, "Role") if d["metadata"]["name"].endswith("-shard-leases")]
+    bindings = [d for d in of_kind(docs, "RoleBinding") if d["metadata"]["name"].endswith("-shard-leases")]
+    expect(len(roles) == 1 and len(bindings) == 1, f"expected one shard-lease Role and RoleBinding, found {len(roles)} and {len(bindings)}")
+    expect(not [d for d in of_kind(docs, "Role") if d["metadata"]["name"].endswith("-leader-election")],
+           "leader-election Role rendered although sharded")
+    if roles:
+        r = roles[0]
+        expect(r["metadata"].get("namespace") == RELEASE_NS, f"shard-lease Role is in {r['metadata'].get('namespace')}")
+        want = {("coordination.k8s.io", "leases", v) for v in ("get", "list", "create", "update", "patch", "delete")}
+        got = rule_tuples(r.get("rules"))
+        expect(got == want, f"shard-lease Role rules differ: extra {sorted(got - want, key=str)}, missing {sorted(want - got, key=str)}")
+    if roles and bindings:
+        b = bindings[0]
+        expect(b["metadata"].get("namespace") == RELEASE_NS, f"shard-lease RoleBinding is in {b['metadata'].get('namespace')}")
+        check_controller_binding(b, "Role", roles[0]["metadata"]["name"], "shard-lease RoleBinding")
 
 
 def c_pdb(f, state, replicas):
@@ -568,6 +599,21 @@ check "leaderElection.enabled=true: leader election on, no PodDisruptionBudget" 
 check "refused: leaderElection.enabled=false with replicas=2" \
   render_fails 'several controllers' --set leaderElection.enabled=false --set replicas=2
 
+# --- sharding -----------------------------------------------------------------------------------
+R_SH="$TMP/sharded.yaml"
+check "helm template: --set replicas=3 --set sharding.shards=9" render "$R_SH" --set replicas=3 --set sharding.shards=9
+check "sharded: --shards=9, Lease namespace, no leader election, shard-lease Role, RollingUpdate" \
+  assert sharded "$R_SH" 9 3
+check "sharded: PodDisruptionBudget" assert pdb "$R_SH" present 3
+R_SEL="$TMP/selector.yaml"
+check "helm template: --set sharding.selector=imagemirror.dev/shard=a" render "$R_SEL" \
+  --set replicas=2 --set sharding.shards=4 --set 'sharding.selector=imagemirror.dev/shard=a'
+check "selector: passed as --selector" assert sharded "$R_SEL" 4 2 imagemirror.dev/shard=a
+check "refused: sharding.shards=0" render_fails 'shards' --set sharding.shards=0
+check "refused: sharding.shards=257" render_fails 'shards' --set sharding.shards=257
+check "refused: leaderElection.enabled=true with sharding" \
+  render_fails 'replace leader election' --set leaderElection.enabled=true --set sharding.shards=3
+
 # --- other values -------------------------------------------------------------------------------
 R_CA="$TMP/ca-secret.yaml"
 check "helm template: extraCABundle from a Secret" render "$R_CA" \
@@ -601,7 +647,7 @@ check "refused: replicas=0" render_fails 'replicas' --set replicas=0
 check "refused: image.tg=x (unknown nested key)" render_fails '[Aa]dditional propert.*tg' --set image.tg=x
 
 # --- across all renders -------------------------------------------------------------------------
-ALL=("$R_DEFAULT" "$R_NS" "$R_HA" "$R_LE" "$R_CA" "$R_CACM" "$R_SM")
+ALL=("$R_DEFAULT" "$R_NS" "$R_HA" "$R_LE" "$R_CA" "$R_CACM" "$R_SM" "$R_SH" "$R_SEL")
 check "RBAC: no wildcard in any rule" assert no-wildcards "${ALL[@]}"
 
 flags_known() {

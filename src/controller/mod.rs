@@ -8,9 +8,9 @@ pub mod prune;
 mod publish;
 mod reconcile;
 mod secrets;
-mod state;
 mod shard_leases;
 pub mod shards;
+mod state;
 pub mod status;
 mod watches;
 

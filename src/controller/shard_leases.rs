@@ -274,7 +274,9 @@ async fn step(
 
     let n = cfg.shards;
     let target = if view.mismatch {
-        tracing::warn!("a live replica runs with another --shards; holding no shard until it is gone");
+        tracing::warn!(
+            "a live replica runs with another --shards; holding no shard until it is gone"
+        );
         0
     } else {
         n.div_ceil(view.live.len().max(1) as u32)

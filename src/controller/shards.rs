@@ -109,7 +109,10 @@ impl ShardSet {
             }
             inflight[s] += 1;
         }
-        let _counted = Inflight { set: self, shard: s };
+        let _counted = Inflight {
+            set: self,
+            shard: s,
+        };
         tokio::select! {
             r = work => Some(r),
             _ = rx.wait_for(|h| !h[s]) => None,
@@ -272,7 +275,10 @@ mod tests {
             })
         };
         started_rx.await.unwrap();
-        assert!(!set.drain(s, Duration::from_millis(50)).await, "still running");
+        assert!(
+            !set.drain(s, Duration::from_millis(50)).await,
+            "still running"
+        );
         set.set_held(s, false);
         assert!(set.drain(s, Duration::from_secs(5)).await);
         assert_eq!(task.await.unwrap(), None, "cancelled");

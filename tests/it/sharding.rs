@@ -157,7 +157,12 @@ impl Setup {
                 return;
             }
             for p in procs.iter_mut() {
-                assert!(p.running(), "{} exited:\n{}", p.identity, self.log(&p.identity));
+                assert!(
+                    p.running(),
+                    "{} exited:\n{}",
+                    p.identity,
+                    self.log(&p.identity)
+                );
             }
             assert!(
                 Instant::now() < deadline,
@@ -187,9 +192,13 @@ impl Setup {
         let api: Api<ImageMirror> = Api::namespaced(self.api.client(), NS);
         let patch = serde_json::json!({"spec": {"tags": {"names": ["v1", "v2"]}}});
         for i in 0..self.mirrors {
-            api.patch(&format!("m{i}"), &PatchParams::default(), &Patch::Merge(&patch))
-                .await
-                .unwrap();
+            api.patch(
+                &format!("m{i}"),
+                &PatchParams::default(),
+                &Patch::Merge(&patch),
+            )
+            .await
+            .unwrap();
         }
     }
 }
@@ -215,10 +224,18 @@ async fn three_replicas_split_nine_shards_copy_once_and_one_survivor_takes_all()
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     for p in [&a, &b, &c] {
-        assert_eq!(p.gauge("imagemirror_shards_held").await, Some(3), "{}", p.identity);
+        assert_eq!(
+            p.gauge("imagemirror_shards_held").await,
+            Some(3),
+            "{}",
+            p.identity
+        );
     }
     let v1 = s.puts("v1");
-    assert!(v1.iter().all(|n| *n == 1), "v1 PUT counts per mirror: {v1:?}");
+    assert!(
+        v1.iter().all(|n| *n == 1),
+        "v1 PUT counts per mirror: {v1:?}"
+    );
 
     // New work arrives as one replica is stopped and another killed.
     s.add_v2().await;
@@ -250,9 +267,15 @@ async fn three_replicas_split_nine_shards_copy_once_and_one_survivor_takes_all()
         held_all <= Duration::from_secs(LEASE + 6),
         "took {held_all:?} to take over"
     );
-    assert_eq!(c.gauge("imagemirror_shards_held").await, Some(SHARDS as i64));
+    assert_eq!(
+        c.gauge("imagemirror_shards_held").await,
+        Some(SHARDS as i64)
+    );
     let status = a.wait(Duration::from_secs(20)).await;
-    assert!(status.is_some_and(|s| s.success()), "SIGTERM exit: {status:?}");
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "SIGTERM exit: {status:?}"
+    );
     let (v1, v2) = (s.puts("v1"), s.puts("v2"));
     assert!(v1.iter().all(|n| *n == 1), "v1 PUT again: {v1:?}");
     assert!(
@@ -268,7 +291,11 @@ async fn shards_rebalance_when_replicas_join_and_no_shard_stays_unowned() {
     let mut a = s.controller("a");
     let deadline = Instant::now() + Duration::from_secs(60);
     while !split(&s.counts().await, &["a"], SHARDS) {
-        assert!(Instant::now() < deadline, "a never held all:\n{}", s.log("a"));
+        assert!(
+            Instant::now() < deadline,
+            "a never held all:\n{}",
+            s.log("a")
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     s.wait_ready(1, &mut [&mut a]).await;
@@ -315,7 +342,12 @@ async fn shards_rebalance_when_replicas_join_and_no_shard_stays_unowned() {
         "a shard was unowned for {longest:?}"
     );
     for p in [&a, &b, &c] {
-        assert_eq!(p.gauge("imagemirror_shards_held").await, Some(3), "{}", p.identity);
+        assert_eq!(
+            p.gauge("imagemirror_shards_held").await,
+            Some(3),
+            "{}",
+            p.identity
+        );
     }
     // The new owners work: a change is synced everywhere, each tag once.
     s.add_v2().await;

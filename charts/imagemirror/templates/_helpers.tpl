@@ -74,16 +74,28 @@ Controller image reference: repository@digest, or repository:tag (tag defaults t
 {{/*
 Whether leader election is on: "true" or "" (empty is false in templates).
 leaderElection.enabled null → on when replicas > 1; true → on; false → off, refused with replicas > 1.
+With sharding.shards > 1 it is off: the shard Leases keep replicas apart.
 */}}
 {{- define "imagemirror.leaderElection" -}}
 {{- $enabled := .Values.leaderElection.enabled }}
-{{- if kindIs "invalid" $enabled }}
+{{- if include "imagemirror.sharded" . }}
+{{- if $enabled }}
+{{- fail "leaderElection.enabled=true with sharding.shards > 1: the shard Leases replace leader election; leave leaderElection.enabled null" }}
+{{- end }}
+{{- else if kindIs "invalid" $enabled }}
 {{- if gt (int .Values.replicas) 1 }}true{{ end }}
 {{- else if $enabled }}
 {{- print "true" }}
 {{- else if gt (int .Values.replicas) 1 }}
 {{- fail "leaderElection.enabled=false with replicas > 1 would let several controllers reconcile the same ImageMirrors at once; enable leader election or set replicas: 1" }}
 {{- end }}
+{{- end }}
+
+{{/*
+Whether the controller shards ImageMirrors across replicas with shard Leases: "true" or "".
+*/}}
+{{- define "imagemirror.sharded" -}}
+{{- if gt (int .Values.sharding.shards) 1 }}true{{ end }}
 {{- end }}
 
 {{/*
