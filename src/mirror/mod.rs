@@ -8,6 +8,7 @@ pub mod plan;
 pub mod prune;
 mod prune_run;
 mod referrers;
+mod referrers_copy;
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;

@@ -317,6 +317,22 @@ async fn the_referrers_api_is_used_where_served_as_emulated_by_the_proxy() {
         dp2.faults.referrers_api.listed("app", &image.digest),
         vec![sbom.pushed.digest.clone()]
     );
+    // A resync with nothing new: one referrers API request per manifest on the source (the
+    // image and its three referrers), one per manifest with referrers on the destination (the
+    // image and the SBOM), and no manifest written.
+    let answered = |p: &FaultProxy| p.faults.referrers_api.answered.lock().unwrap().len();
+    let (s0, d0, dl0) = (answered(&sp), answered(&dp), dst.requests().len());
+    let rows = mirror_json(dir.path(), &doc(sp.host(), dp.host(), ALL));
+    assert_eq!(rows[0]["state"], "UpToDate", "{rows:?}");
+    assert_eq!(rows[0]["referrers"], 3, "{rows:?}");
+    let (src_api, dst_api) = (answered(&sp) - s0, answered(&dp) - d0);
+    let dst_log = dst.requests()[dl0..].to_vec();
+    eprintln!(
+        "no-op resync through the emulated API: source {src_api} referrers requests, destination {dst_api}; destination registry {dst_log:?}"
+    );
+    assert!(src_api <= 4 && dst_api <= 4, "{src_api} {dst_api}");
+    assert!(manifest_writes(&dst_log).is_empty(), "{dst_log:?}");
+
     let asked = sp.faults.referrers_api.answered.lock().unwrap().clone();
     assert!(
         asked
@@ -423,4 +439,80 @@ async fn with_platforms_filtered_the_kept_children_keep_their_signatures_and_the
     assert_eq!(pinned_row["referrers"], 1, "{pinned_row}");
     d.assert_copy_of("app", &pinned_sbom.pushed.digest, &pinned_sbom.pushed)
         .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_controller_reports_referrer_counts_and_referrer_failures_on_status() {
+    use crate::support::kube_api::TestCluster;
+    use imagemirror::api::TagState;
+    use imagemirror::controller::ControllerConfig;
+
+    let (src, dst) = (TestRegistry::start(), TestRegistry::start());
+    seed_attached(src.host(), "app").await;
+    // "broken": its fallback index lists a referrer the source no longer has.
+    let s = Seeder::new(src.host());
+    let image = s
+        .push_image("broken", Some("v1"), 47, &[5_000], Flavor::Oci)
+        .await;
+    let gone = attach(&s, "broken", &image, SPDX, b"{}").await;
+    push_fallback_index(&s, "broken", &image.digest, &[&gone]).await;
+    let deleted = reqwest::Client::new()
+        .delete(format!(
+            "http://{}/v2/broken/manifests/{}",
+            src.host(),
+            gone.pushed.digest
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(deleted.status(), 202);
+
+    let cluster = TestCluster::start().await;
+    let ns = cluster.fresh_namespace("refs").await;
+    let config = ControllerConfig {
+        namespaces: vec![ns.clone()],
+        ..ControllerConfig::default()
+    };
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let controller = tokio::spawn(imagemirror::controller::run(
+        cluster.client(),
+        config,
+        async move {
+            let _ = stopped.await;
+        },
+    ));
+    for repo in ["app", "broken"] {
+        let yaml = mirror_doc(
+            repo,
+            src.host(),
+            repo,
+            dst.host(),
+            repo,
+            &format!("  tags:\n    names: [v1]\n{ALL}"),
+        )
+        .replace("namespace: test", &format!("namespace: {ns}"));
+        cluster.apply_imagemirror(&yaml).await;
+    }
+    let wait = std::time::Duration::from_secs(90);
+    let synced = |m: &imagemirror::api::ImageMirror| {
+        m.status
+            .as_ref()
+            .is_some_and(|s| s.observed_generation.is_some() && s.tags.len() == 1)
+    };
+    let app = cluster.wait_for(&ns, "app", wait, synced).await;
+    let tag = &app.status.as_ref().unwrap().tags[0];
+    assert_eq!(tag.state, TagState::Synced, "{tag:?}");
+    assert_eq!(tag.referrers, Some(4), "{tag:?}");
+
+    let broken = cluster.wait_for(&ns, "broken", wait, synced).await;
+    let tag = &broken.status.as_ref().unwrap().tags[0];
+    assert_eq!(tag.state, TagState::Failed, "{tag:?}");
+    assert_eq!(tag.reason.as_deref(), Some("ReferrerFailed"), "{tag:?}");
+    let message = tag.message.as_deref().unwrap_or_default();
+    assert!(
+        message.contains(&gone.pushed.digest) && message.contains(SPDX),
+        "{message}"
+    );
+    let _ = stop.send(());
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(30), controller).await;
 }
