@@ -18,6 +18,7 @@ mod platforms;
 mod prune;
 mod referrers;
 mod resume;
+mod scale_bench;
 mod sharding;
 mod support;
 mod validation;
