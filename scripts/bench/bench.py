@@ -292,6 +292,8 @@ def run(args, runner, scenarios, wanted):
                 results[scen][tool].append(r)
                 status = (f"verified {n_manifests[scen]} manifests, {n_blobs[scen]} blobs"
                           if not r["failure"] else "FAILED")
+                if scen == "export" and tool == "skopeo" and not r["failure"]:
+                    status = f"verified {len(data.tags())} tags present (skopeo converts Docker images)"
                 if "written" in r:
                     status += f", {fmt_bytes(r['written'])} in the layout's blobs"
                 log(f"{scen} run {i + 1} {tool}: {r['wall']:.2f}s, {r['rss_kb'] / 1024:.0f} MiB RSS, "
