@@ -13,6 +13,9 @@ pub mod referrers;
 mod transport;
 mod upload;
 
+#[cfg(test)]
+mod parser_props;
+
 use bytes::Bytes;
 use futures_util::FutureExt;
 use futures_util::future::BoxFuture;
