@@ -13,6 +13,12 @@
 #   --im-arg ARG     pass ARG to `imagemirror mirror` (repeatable), e.g. --im-arg=--concurrency=4
 #   --bin PATH       use this imagemirror binary instead of building the release one (smoke tests)
 #   --referrers      imagemirror runs with spec.referrers.enabled (skopeo sync copies no referrers)
+#   --tls            both registries serve HTTPS with a private CA made for the run (imagemirror
+#                    gets --ca-file, skopeo --src-cert-dir/--dest-cert-dir)
+#   --plain          plain HTTP (the default without --tls; CI's smoke run uses --tls)
+#   --rtt D          a latency proxy (scripts/bench/latency_proxy.py) in front of the source adds
+#                    D of round trip (D/2 each way), e.g. --rtt 50ms
+#   --dest-rtt D     the same before the destination (e.g. --dest-rtt 2ms)
 #
 # Builds `imagemirror` (release), starts a source registry (CNCF distribution) on a free port on
 # 127.0.0.1, seeds it with a deterministic data set through the registry API, then for every
@@ -28,9 +34,18 @@ set -euo pipefail
 REPO_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$REPO_DIR"
 
-usage() { sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'; }
 
-quick=0 runs=3 keep=0 fail_fast=0 referrers=0 out="$REPO_DIR/target/bench" bin=""
+# 50ms, 0.5s, 20 (ms) -> milliseconds
+to_ms() {
+  case "$1" in
+    *ms) echo "${1%ms}" ;;
+    *s) python3 -c "print(float('${1%s}') * 1000)" ;;
+    *) echo "$1" ;;
+  esac
+}
+
+quick=0 runs=3 keep=0 fail_fast=0 referrers=0 out="$REPO_DIR/target/bench" bin="" tls=0 rtt=0 dest_rtt=0
 scenarios=() im_args=()
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -44,6 +59,12 @@ while [ $# -gt 0 ]; do
     --keep) keep=1 ;;
     --fail-fast) fail_fast=1 ;;
     --referrers) referrers=1 ;;
+    --tls) tls=1 ;;
+    --plain) tls=0 ;;
+    --rtt) rtt="$(to_ms "${2:?--rtt needs a duration}")"; shift ;;
+    --rtt=*) rtt="$(to_ms "${1#*=}")" ;;
+    --dest-rtt) dest_rtt="$(to_ms "${2:?--dest-rtt needs a duration}")"; shift ;;
+    --dest-rtt=*) dest_rtt="$(to_ms "${1#*=}")" ;;
     --im-arg) im_args+=("${2:?--im-arg needs a value}"); shift ;;
     --im-arg=*) im_args+=("${1#*=}") ;;
     --bin) bin="${2:?--bin needs a path}"; shift ;;
@@ -54,8 +75,11 @@ while [ $# -gt 0 ]; do
   shift
 done
 [[ "$runs" =~ ^[1-9][0-9]*$ ]] || { echo "bench: --runs wants a positive number" >&2; exit 2; }
+for d in "$rtt" "$dest_rtt"; do
+  [[ "$d" =~ ^[0-9]+(\.[0-9]+)?$ ]] || { echo "bench: --rtt/--dest-rtt want a duration such as 50ms" >&2; exit 2; }
+done
 
-for tool in docker-registry skopeo python3 curl; do
+for tool in docker-registry skopeo python3 curl openssl; do
   command -v "$tool" >/dev/null 2>&1 || { echo "bench: $tool is missing (scripts/install-deps.sh installs it)" >&2; exit 1; }
 done
 [ -x /usr/bin/time ] || { echo "bench: /usr/bin/time is missing (Debian package time)" >&2; exit 1; }
@@ -75,11 +99,16 @@ pyargs=(--bin "$BIN" --work "$WORK" --out "$out" --runs "$runs")
 [ "$keep" = 1 ] && pyargs+=(--keep-dest)
 [ "$fail_fast" = 1 ] && pyargs+=(--fail-fast)
 [ "$referrers" = 1 ] && pyargs+=(--referrers)
+[ "$tls" = 1 ] && pyargs+=(--tls)
+pyargs+=(--rtt-ms "$rtt" --dest-rtt-ms "$dest_rtt")
 for s in "${scenarios[@]}"; do pyargs+=(--scenario "$s"); done
 cmdline="scripts/bench.sh"
 [ "$quick" = 1 ] && cmdline+=" --quick"
 [ "$quick" = 1 ] || cmdline+=" --runs $runs"
 [ "$referrers" = 1 ] && cmdline+=" --referrers"
+[ "$tls" = 1 ] && cmdline+=" --tls"
+[ "$rtt" != 0 ] && cmdline+=" --rtt ${rtt}ms"
+[ "$dest_rtt" != 0 ] && cmdline+=" --dest-rtt ${dest_rtt}ms"
 for s in "${scenarios[@]}"; do cmdline+=" --scenario $s"; done
 for a in "${im_args[@]}"; do pyargs+=("--im-arg=$a"); cmdline+=" --im-arg=$a"; done
 pyargs+=(--command "$cmdline")

@@ -60,6 +60,7 @@ def parse_time_v(path):
 
 def write_imagemirror_yaml(path, scenario, src, dst, referrers=False):
     extra = "  referrers:\n    enabled: true\n" if referrers else ""
+    plain = "false" if TLS else "true"
     docs = []
     for repo, tags in scenario.repos.items():
         name = re.sub(r"[^a-z0-9-]", "-", repo.lower())
@@ -71,11 +72,11 @@ metadata:
   namespace: bench
 spec:
   source:
-    repository: {src.addr}/{repo}
-    plainHTTP: true
+    repository: {src.front}/{repo}
+    plainHTTP: {plain}
   destination:
-    repository: {dst.addr}/{dest_repo(repo)}
-    plainHTTP: true
+    repository: {dst.front}/{dest_repo(repo)}
+    plainHTTP: {plain}
   tags:
     names: [{names}]
 {extra}""")
@@ -84,7 +85,10 @@ spec:
 
 
 def write_skopeo_yaml(path, scenario, src):
-    lines = [f"{src.addr}:", "  tls-verify: false", "  images:"]
+    if TLS:
+        lines = [f"{src.front}:", "  tls-verify: true", f"  cert-dir: {TLS['cert_dir']}", "  images:"]
+    else:
+        lines = [f"{src.front}:", "  tls-verify: false", "  images:"]
     for repo, tags in scenario.repos.items():
         lines.append(f"    {repo}: [{', '.join(json.dumps(t) for t in tags)}]")
     with open(path, "w") as f:
@@ -107,9 +111,10 @@ class Runner:
         if self.skopeo_as_nobody:
             os.chmod(self.work, 0o755)
 
-    def new_registry(self, label):
+    def new_registry(self, label, delay_ms=0.0):
         self.n_reg += 1
-        return Registry(self.work, f"{self.n_reg:03d}-{label}", self.pidfile).start()
+        reg = Registry(self.work, f"{self.n_reg:03d}-{label}", self.pidfile).start()
+        return reg.add_latency(delay_ms)
 
     def run_tool(self, tool, scenario, src, dst, tag):
         rdir = os.path.join(self.work, "runs", tag)
@@ -123,6 +128,8 @@ class Runner:
             yaml = os.path.join(rdir, "mirrors.yaml")
             write_imagemirror_yaml(yaml, scenario, src, dst, self.args.referrers)
             cmd = [self.args.bin, "mirror", "-f", yaml] + self.args.im_arg
+            if TLS:
+                cmd += ["--ca-file", TLS["ca"]]
             env.setdefault("IMAGEMIRROR_LOG_LEVEL", "warn")
             env["DOCKER_CONFIG"] = rdir  # no credentials file: anonymous
         else:
@@ -135,8 +142,7 @@ class Runner:
             cmd = ["skopeo", "--policy", os.path.join(self.work, "policy.json"),
                    "--tmpdir", home,
                    "sync", "--src", "yaml", "--dest", "docker", "--all", "--preserve-digests",
-                   "--src-tls-verify=false", "--dest-tls-verify=false",
-                   yaml, f"{dst.addr}/{DEST_PREFIX}"]
+                   *skopeo_tls_flags(), yaml, f"{dst.front}/{DEST_PREFIX}"]
             if self.skopeo_as_nobody:
                 os.chmod(home, 0o777)
                 cmd = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"] + cmd
@@ -146,14 +152,17 @@ class Runner:
         # does not pay for its predecessor's disk writes.
         os.sync()
         src_off, dst_off = src.log_offset(), dst.log_offset()
-        cpu0 = (src.cpu(), dst.cpu(), machine_busy_seconds())
+        proxies = [r.proxy for r in (src, dst) if r.proxy]
+        sampler = ConnSampler({int(src.front.rsplit(":", 1)[1]), int(dst.front.rsplit(":", 1)[1])})
+        cpu0 = (src.cpu(), dst.cpu(), machine_busy_seconds(), sum(p.cpu() for p in proxies))
         t0 = time.monotonic()
         with open(outf, "wb") as out:
             rc = subprocess.call(full, stdout=out, stderr=subprocess.STDOUT, env=env,
                                  stdin=subprocess.DEVNULL)
         elapsed = time.monotonic() - t0
+        conns = sampler.finish()
         src_end, dst_end = settle(src, dst)
-        cpu1 = (src.cpu(), dst.cpu(), machine_busy_seconds())
+        cpu1 = (src.cpu(), dst.cpu(), machine_busy_seconds(), sum(p.cpu() for p in proxies))
         failure = None
         if rc != 0:
             with open(outf, errors="replace") as f:
@@ -165,6 +174,13 @@ class Runner:
         t = parse_time_v(timef)
         tool_cpu = t.get("user", 0) + t.get("sys", 0)
         busy = cpu1[2] - cpu0[2]
+        cpu_proxy = cpu1[3] - cpu0[3]
+        src_req = src.requests_between(src_off, src_end)
+        dst_req = dst.requests_between(dst_off, dst_end)
+        src_req["conns"] = conns[int(src.front.rsplit(":", 1)[1])]
+        dst_req["conns"] = conns[int(dst.front.rsplit(":", 1)[1])]
+        settled = re.findall(r"settled at (\d+) of (\d+)[^\n]*?registry (\S+)", open(outf, errors="replace").read()) \
+            if tool == "imagemirror" else []
         return {
             "failure": failure,
             "wall": t.get("wall", elapsed),
@@ -172,9 +188,11 @@ class Runner:
             "cpu_tool": tool_cpu,
             "cpu_src": cpu1[0] - cpu0[0],
             "cpu_dst": cpu1[1] - cpu0[1],
-            "cpu_other": max(0.0, busy - tool_cpu - (cpu1[0] - cpu0[0]) - (cpu1[1] - cpu0[1])),
-            "src": src.requests_between(src_off, src_end),
-            "dst": dst.requests_between(dst_off, dst_end),
+            "cpu_proxy": cpu_proxy,
+            "cpu_other": max(0.0, busy - tool_cpu - (cpu1[0] - cpu0[0]) - (cpu1[1] - cpu0[1]) - cpu_proxy),
+            "src": src_req,
+            "dst": dst_req,
+            "settled": settled,
         }
 
 
@@ -194,6 +212,9 @@ def main():
     ap.add_argument("--fail-fast", action="store_true", help="stop at the first failed run")
     ap.add_argument("--referrers", action="store_true", help="imagemirror with spec.referrers.enabled")
     ap.add_argument("--im-arg", action="append", default=[], help="extra `imagemirror mirror` argument")
+    ap.add_argument("--tls", action="store_true", help="registries serve HTTPS (private CA)")
+    ap.add_argument("--rtt-ms", type=float, default=0.0, help="round trip added before the source")
+    ap.add_argument("--dest-rtt-ms", type=float, default=0.0, help="round trip added before the destination")
     args = ap.parse_args()
 
     order = ["standard", "warm", "many", "shared", "export"]
@@ -214,6 +235,8 @@ def main():
     scenarios["warm"] = scenarios["standard"]
     scenarios["export"] = scenarios["standard"]
     runner = Runner(args)
+    if args.tls:
+        make_ca(args.work)
 
     def on_signal(signum, frame):
         raise KeyboardInterrupt
@@ -233,7 +256,16 @@ def main():
 
 
 def run(args, runner, scenarios, wanted):
-    src = runner.new_registry("source")
+    proxy_speed = None
+    if args.rtt_ms or args.dest_rtt_ms:
+        here = os.path.dirname(os.path.abspath(__file__))
+        delay = max(args.rtt_ms, args.dest_rtt_ms) / 2
+        proxy_speed = subprocess.run(
+            [sys.executable, os.path.join(here, "latency_proxy.py"), "--selftest",
+             "--delay-ms", f"{delay:g}", "--mib", "64" if args.quick else "512"],
+            capture_output=True, text=True).stdout.strip()
+        log(proxy_speed)
+    src = runner.new_registry("source", args.rtt_ms / 2)
     log(f"source registry {src.addr}; seeding ({'quick' if args.quick else 'full'} data set)")
     seeder = Seeder(src)
     t0 = time.monotonic()
@@ -258,7 +290,7 @@ def run(args, runner, scenarios, wanted):
         if scen == "warm":
             for tool in TOOLS:
                 if tool not in warm_dest:
-                    dst = runner.new_registry(f"warm-{tool}")
+                    dst = runner.new_registry(f"warm-{tool}", args.dest_rtt_ms / 2)
                     log(f"warm: populating {dst.addr} with a cold standard run of {tool} (not measured)")
                     for attempt in range(1, 4):
                         r = runner.run_tool(tool, data, src, dst, f"warm-prep-{tool}-{attempt}")
@@ -284,7 +316,7 @@ def run(args, runner, scenarios, wanted):
                     dst = None
                 else:
                     dst = (warm_dest[tool] if scen == "warm"
-                           else runner.new_registry(f"{scen}-{tool}-{i + 1}"))
+                           else runner.new_registry(f"{scen}-{tool}-{i + 1}", args.dest_rtt_ms / 2))
                     r = runner.run_tool(tool, data, src, dst, tag)
                     bad = verify(dst, views[scen], tool)
                 if bad or r["failure"]:
@@ -298,7 +330,8 @@ def run(args, runner, scenarios, wanted):
                     status += f", {fmt_bytes(r['written'])} in the layout's blobs"
                 log(f"{scen} run {i + 1} {tool}: {r['wall']:.2f}s, {r['rss_kb'] / 1024:.0f} MiB RSS, "
                     f"src {r['src']['total']} req ({fmt_bytes(r['src']['blob_get_bytes'])} blobs), "
-                    f"dst {r['dst']['total']} req; CPU tool {r['cpu_tool']:.1f}s src {r['cpu_src']:.1f}s "
+                    f"dst {r['dst']['total']} req; conns {r['src'].get('conns', '-')}/{r['dst'].get('conns', '-')}; "
+                    f"{'/'.join(sorted(set(r['src'].get('protocols', {})) | set(r['dst'].get('protocols', {}))))}; CPU tool {r['cpu_tool']:.1f}s src {r['cpu_src']:.1f}s "
                     f"dst {r['cpu_dst']:.1f}s other {r['cpu_other']:.1f}s; {status}")
                 if r["failure"]:
                     failures.append(f"{tag}: {r['failure']}")
@@ -330,6 +363,10 @@ def run(args, runner, scenarios, wanted):
         "cpus": os.cpu_count(),
         "load": " ".join(f"{x:.2f}" for x in os.getloadavg()),
         "runs": runs,
+        "tls": args.tls,
+        "rtt_ms": args.rtt_ms,
+        "dest_rtt_ms": args.dest_rtt_ms,
+        "proxy_speed": proxy_speed,
     }
     md = report(results, unique, meta, failures)
     with open(os.path.join(args.out, "bench-results.md"), "w") as f:

@@ -8,8 +8,10 @@ import re
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
+import threading
 import time
 import urllib.parse
 
@@ -37,6 +39,10 @@ def dest_repo(repo):
     last path component under the destination prefix, so imagemirror is pointed at the same."""
     return f"{DEST_PREFIX}/{repo.rsplit('/', 1)[-1]}"
 TOOLS = ("imagemirror", "skopeo")
+
+# Set by bench.py before any registry starts: {"ca": path, "cert": path, "key": path,
+# "cert_dir": dir holding ca.crt (skopeo's --*-cert-dir)} when the registries serve HTTPS.
+TLS = {}
 MIB = 1024 * 1024
 CHUNK = 1 << 20
 
@@ -66,7 +72,12 @@ class Http:
         headers = dict(headers or {})
         for attempt in range(2):
             if self.conn is None:
-                self.conn = http.client.HTTPConnection(self.host, self.port, timeout=600)
+                if TLS:
+                    ctx = ssl.create_default_context(cafile=TLS["ca"])
+                    self.conn = http.client.HTTPSConnection(self.host, self.port, timeout=600,
+                                                            context=ctx)
+                else:
+                    self.conn = http.client.HTTPConnection(self.host, self.port, timeout=600)
             try:
                 self.conn.request(method, path, body=body, headers=headers)
                 resp = self.conn.getresponse()
@@ -96,6 +107,127 @@ def add_query(path, extra):
 
 def sha256_digest(data):
     return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+# ----------------------------------------------------------------------------------------------
+# TLS and latency
+
+
+def make_ca(work):
+    """A private CA and a server certificate for 127.0.0.1 signed by it (openssl, EC P-256, as
+    the registries the issue measures serve); fills TLS."""
+    d = os.path.join(work, "tls")
+    os.makedirs(os.path.join(d, "certs"), exist_ok=True)
+    ca, ca_key = os.path.join(d, "ca.pem"), os.path.join(d, "ca.key")
+    cert, key, csr = (os.path.join(d, n) for n in ("server.pem", "server.key", "server.csr"))
+    ext = os.path.join(d, "ext.cnf")
+    with open(ext, "w") as f:
+        f.write("subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\n"
+                "keyUsage=digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\n")
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"]
+    for cmd in (
+        ["openssl", "req", "-x509", *ec, "-keyout", ca_key, "-out", ca, "-days", "2",
+         "-subj", "/CN=imagemirror bench CA"],
+        ["openssl", "req", "-new", *ec, "-keyout", key, "-out", csr, "-subj", "/CN=127.0.0.1"],
+        ["openssl", "x509", "-req", "-in", csr, "-CA", ca, "-CAkey", ca_key, "-CAcreateserial",
+         "-out", cert, "-days", "2", "-extfile", ext],
+    ):
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        if r.returncode != 0:
+            raise BenchError(f"{' '.join(cmd[:3])}: {r.stderr.strip()[-500:]}")
+    shutil.copy(ca, os.path.join(d, "certs", "ca.crt"))
+    for root, dirs, files in os.walk(d):
+        os.chmod(root, 0o755)
+        for n in files:
+            os.chmod(os.path.join(root, n), 0o644)  # skopeo runs as nobody
+    TLS.update(ca=ca, cert=cert, key=key, cert_dir=os.path.join(d, "certs"))
+
+
+def skopeo_tls_flags(src=True, dest=True):
+    """skopeo's flags for the registries' TLS: the private CA, or no TLS at all."""
+    flags = []
+    for side, on in (("src", src), ("dest", dest)):
+        if on:
+            flags += ([f"--{side}-cert-dir={TLS['cert_dir']}"] if TLS else [f"--{side}-tls-verify=false"])
+    return flags
+
+
+class LatencyProxy:
+    """latency_proxy.py in front of a registry: tools reach the registry through `addr`."""
+
+    def __init__(self, registry, delay_ms, pidfile):
+        self.registry, self.delay_ms = registry, delay_ms
+        self.log_path = os.path.join(registry.dir, f"proxy-{delay_ms:g}ms.log")
+        port_file = self.log_path + ".port"
+        here = os.path.dirname(os.path.abspath(__file__))
+        self.proc = subprocess.Popen(
+            [sys.executable, os.path.join(here, "latency_proxy.py"), "--target", registry.addr,
+             "--delay-ms", str(delay_ms), "--port-file", port_file, "--log", self.log_path],
+            stdin=subprocess.DEVNULL)
+        with open(pidfile, "a") as f:
+            f.write(f"{self.proc.pid}\n")
+        deadline = time.monotonic() + 15
+        while not os.path.exists(port_file):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise BenchError(f"latency proxy for {registry.name} did not start")
+            time.sleep(0.02)
+        with open(port_file) as f:
+            self.addr = f"127.0.0.1:{int(f.read())}"
+
+    def cpu(self):
+        return proc_cpu_seconds(self.proc.pid)
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+class ConnSampler:
+    """Counts the TCP connections clients open to some ports during a run by sampling
+    /proc/net/tcp every 10 ms (client-side ESTABLISHED entries whose remote port is watched).
+    Keep-alive connections live for the run, so sampling sees them; one opened and closed
+    within 10 ms could be missed, so the count is a lower bound. Connections open before the
+    run (the benchmark's own) are left out."""
+
+    def __init__(self, ports):
+        self.ports = {p: set() for p in ports}
+        self.before = self._sample()
+        self.stop_ev = threading.Event()
+        self.thread = threading.Thread(target=self._loop, daemon=True)
+        self.thread.start()
+
+    def _sample(self):
+        seen = set()
+        for name in ("/proc/net/tcp", "/proc/net/tcp6"):
+            try:
+                with open(name) as f:
+                    next(f)
+                    for line in f:
+                        parts = line.split()
+                        if parts[3] != "01":
+                            continue
+                        port = int(parts[2].rsplit(":", 1)[1], 16)
+                        if port in self.ports:
+                            seen.add((port, parts[1]))
+            except OSError:
+                pass
+        return seen
+
+    def _loop(self):
+        while not self.stop_ev.is_set():
+            for port, local in self._sample() - self.before:
+                self.ports[port].add(local)
+            self.stop_ev.wait(0.01)
+
+    def finish(self):
+        self.stop_ev.set()
+        self.thread.join()
+        return {p: len(s) for p, s in self.ports.items()}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -129,7 +261,7 @@ def machine_busy_seconds():
     return (sum(vals[:8]) - idle) / CLK_TCK
 
 
-ACCESS_RE = re.compile(r'^\S+ \S+ \S+ \[[^\]]*\] "(\S+) (\S+) [^"]*" (\d{3}) (\d+|-)')
+ACCESS_RE = re.compile(r'^\S+ \S+ \S+ \[[^\]]*\] "(\S+) (\S+) ([^"]*)" (\d{3}) (\d+|-)')
 
 
 def settle(*registries):
@@ -159,6 +291,17 @@ class Registry:
         self.proc = None
         self.pidfile = pidfile
         self.addr = None
+        self.proxy = None  # a LatencyProxy the tools go through, if any
+
+    @property
+    def front(self):
+        """The address the tools are given: the latency proxy's, or the registry's own."""
+        return self.proxy.addr if self.proxy else self.addr
+
+    def add_latency(self, delay_ms):
+        if delay_ms > 0:
+            self.proxy = LatencyProxy(self, delay_ms, self.pidfile)
+        return self
 
     def start(self):
         for _ in range(5):
@@ -183,6 +326,8 @@ http:
   addr: {self.addr}
   secret: imagemirror-bench
 """)
+                if TLS:
+                    f.write(f"  tls:\n    certificate: {TLS['cert']}\n    key: {TLS['key']}\n")
             out = open(self.access_log, "ab")
             err = open(self.error_log, "ab")
             self.proc = subprocess.Popen(["docker-registry", "serve", cfg], stdout=out, stderr=err,
@@ -208,6 +353,8 @@ http:
         raise BenchError(f"registry {self.name} did not start; see {self.error_log}")
 
     def stop(self, remove=False):
+        if self.proxy is not None:
+            self.proxy.stop()
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
@@ -231,15 +378,16 @@ http:
         with open(self.access_log, "rb") as f:
             f.seek(start)
             text = f.read(end - start).decode("utf-8", "replace")
-        methods, blob_get_bytes, statuses = {}, 0, {}
+        methods, blob_get_bytes, statuses, protos = {}, 0, {}, {}
         for line in text.splitlines():
             m = ACCESS_RE.match(line)
             if not m:
                 continue
-            method, path, status, size = m.group(1), m.group(2), m.group(3), m.group(4)
+            method, path, proto, status, size = m.groups()
             methods[method] = methods.get(method, 0) + 1
+            protos[proto] = protos.get(proto, 0) + 1
             statuses[status] = statuses.get(status, 0) + 1
             if method == "GET" and "/blobs/sha256:" in path and size != "-":
                 blob_get_bytes += int(size)
         return {"methods": methods, "statuses": statuses, "blob_get_bytes": blob_get_bytes,
-                "total": sum(methods.values())}
+                "total": sum(methods.values()), "protocols": protos}

@@ -30,8 +30,8 @@ metadata:
   namespace: bench
 spec:
   source:
-    repository: {src.addr}/{repo}
-    plainHTTP: true
+    repository: {src.front}/{repo}
+    plainHTTP: {"false" if TLS else "true"}
   destination:
     repository: oci:{layout}:{layout_name(repo)}
   tags:
@@ -65,6 +65,8 @@ def run_export(runner, tool, scenario, src, tag, parse_time_v):
         yaml = os.path.join(rdir, "export.yaml")
         write_yaml(yaml, scenario, src, layout)
         cmd = [args.bin, "mirror", "-f", yaml] + args.im_arg
+        if TLS:
+            cmd += ["--ca-file", TLS["ca"]]
         env.setdefault("IMAGEMIRROR_LOG_LEVEL", "warn")
         env["DOCKER_CONFIG"] = rdir
     else:
@@ -79,8 +81,8 @@ def run_export(runner, tool, scenario, src, tag, parse_time_v):
         for repo, t in scenario.tags():
             lines.append(" ".join(shlex.quote(a) for a in [
                 "skopeo", "--policy", os.path.join(runner.work, "policy.json"), "--tmpdir", home,
-                "copy", "--all", "--src-tls-verify=false",
-                f"docker://{src.addr}/{repo}:{t}", f"oci:{layout}:{layout_name(repo)}:{t}"]))
+                "copy", "--all", *skopeo_tls_flags(dest=False),
+                f"docker://{src.front}/{repo}:{t}", f"oci:{layout}:{layout_name(repo)}:{t}"]))
         script = os.path.join(rdir, "skopeo-export.sh")
         with open(script, "w") as f:
             f.write("\n".join(lines) + "\n")
