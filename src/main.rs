@@ -11,6 +11,7 @@ use tracing_subscriber::fmt::writer::BoxMakeWriter;
 
 use imagemirror::cli::{self, Bars, MirrorOptions, OutputFormat, ProgressMode};
 use imagemirror::controller::{ControllerConfig, LeaderElection, Sharding};
+use imagemirror::registry::HttpMode;
 use imagemirror::transfer::{EngineConfig, RetryPolicy, StallWatchdog};
 
 /// Keeps container images mirrored between registries.
@@ -54,9 +55,18 @@ struct EngineArgs {
     /// Blob transfers at once across all registries (blobs up to 1 MiB count half).
     #[arg(long, default_value_t = 8)]
     concurrency: usize,
-    /// Blob transfers at once against one registry (blobs up to 1 MiB count half).
-    #[arg(long, default_value_t = 4)]
+    /// Blob transfers at once against one registry (blobs up to 1 MiB count half): the cap of
+    /// each registry's adaptive limit, or the fixed limit with --adaptive-concurrency=false.
+    #[arg(long, default_value_t = 8)]
     registry_concurrency: usize,
+    /// Where each registry's adaptive limit starts (1 to --registry-concurrency); it then
+    /// grows while goodput rises and halves on 429/503, stalls and broken connections.
+    #[arg(long, default_value_t = 4)]
+    registry_concurrency_start: usize,
+    /// Adapt each registry's transfer limit within [1, --registry-concurrency]; false: fixed at
+    /// --registry-concurrency.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    adaptive_concurrency: bool,
     /// Blobs larger than this go up in resumable chunks (KiB, MiB, GiB); smaller ones in one PUT.
     #[arg(long, value_parser = cli::parse_size, default_value = "64MiB")]
     chunked_threshold: u64,
@@ -77,6 +87,18 @@ struct EngineArgs {
     /// Stall watchdog: bytes a transfer must move in every --stall-window (KiB, MiB).
     #[arg(long, value_parser = cli::parse_size, default_value = "1KiB")]
     stall_min_bytes: u64,
+    /// HTTP version per kind of request: auto (blob bodies over HTTP/1.1 connections, other
+    /// requests over HTTP/2 where the registry offers it), http1 (everything HTTP/1.1), http2
+    /// (everything HTTP/2 where offered).
+    #[arg(long, value_enum, default_value_t = HttpArg::Auto)]
+    http: HttpArg,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum HttpArg {
+    Auto,
+    Http1,
+    Http2,
 }
 
 impl EngineArgs {
@@ -84,6 +106,8 @@ impl EngineArgs {
         EngineConfig {
             max_concurrent: self.concurrency.max(1),
             max_per_registry: self.registry_concurrency.max(1),
+            initial_per_registry: Some(self.registry_concurrency_start.max(1)),
+            adaptive: self.adaptive_concurrency,
             chunked_threshold: self.chunked_threshold,
             chunk_size: self.chunk_size,
             rate_limit: cli::rate_limit(self.rate_limit),
@@ -95,6 +119,11 @@ impl EngineArgs {
                 window: self.stall_window,
                 min_bytes: self.stall_min_bytes,
             }),
+            http: match self.http {
+                HttpArg::Auto => HttpMode::Auto,
+                HttpArg::Http1 => HttpMode::Http1,
+                HttpArg::Http2 => HttpMode::Http2,
+            },
             ..EngineConfig::default()
         }
     }

@@ -130,7 +130,7 @@ class Runner:
             cmd = [self.args.bin, "mirror", "-f", yaml] + self.args.im_arg
             if TLS:
                 cmd += ["--ca-file", TLS["ca"]]
-            env.setdefault("IMAGEMIRROR_LOG_LEVEL", "warn")
+            env.setdefault("IMAGEMIRROR_LOG_LEVEL", "warn,imagemirror::concurrency=info")
             env["DOCKER_CONFIG"] = rdir  # no credentials file: anonymous
         else:
             yaml = os.path.join(rdir, "skopeo.yaml")
@@ -179,8 +179,11 @@ class Runner:
         dst_req = dst.requests_between(dst_off, dst_end)
         src_req["conns"] = conns[int(src.front.rsplit(":", 1)[1])]
         dst_req["conns"] = conns[int(dst.front.rsplit(":", 1)[1])]
-        settled = re.findall(r"settled at (\d+) of (\d+)[^\n]*?registry (\S+)", open(outf, errors="replace").read()) \
+        settled = re.findall(r"settled at (\d+) of (\d+) for registry ([^\s\x1b]+)",
+                             open(outf, errors="replace").read()) \
             if tool == "imagemirror" else []
+        names = {src.front: "src", dst.front: "dst"}
+        settled = [(n, cap, names.get(reg, reg)) for n, cap, reg in settled]
         return {
             "failure": failure,
             "wall": t.get("wall", elapsed),

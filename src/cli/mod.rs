@@ -272,7 +272,7 @@ pub async fn run_mirror(
         None => None,
     };
     let engine = Engine::new(opts.engine.clone());
-    let pool = ClientPool::new();
+    let pool = ClientPool::with_http_mode(opts.engine.http);
     let runs = mirrors.iter().map(|(m, _)| {
         let name = prune::key(m);
         let trust = Trust {
@@ -312,6 +312,9 @@ pub async fn run_mirror(
         }
     });
     let done = join_all(runs).await;
+    for (host, limit, cap) in engine.registry_concurrency() {
+        tracing::info!(target: "imagemirror::concurrency", "transfer concurrency settled at {limit} of {cap} for registry {host}");
+    }
     let mut outcomes = Vec::new();
     for (outcome, record) in done {
         if let Some(r) = record

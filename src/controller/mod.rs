@@ -200,7 +200,7 @@ pub async fn run(
     let ctx = Arc::new(Context {
         client: client.clone(),
         engine,
-        pool: ClientPool::new(),
+        pool: ClientPool::with_http_mode(config.engine.http),
         recorder: Recorder::new(
             client.clone(),
             Reporter {

@@ -10,7 +10,7 @@ use crate::api::RepositorySpec;
 use crate::layout::{Layouts, Location};
 use crate::registry::digest::sha256_digest;
 use crate::registry::{
-    Credentials, HttpClients, RegistryClient, RegistryError, RegistryOptions, Repository,
+    Credentials, HttpClients, HttpMode, RegistryClient, RegistryError, RegistryOptions, Repository,
 };
 
 /// Credentials and trust for one side of a mirror, as read from Secrets or files.
@@ -48,6 +48,14 @@ impl ClientPool {
     /// An empty pool.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// An empty pool whose HTTP clients carry requests as `mode` says.
+    pub fn with_http_mode(mode: HttpMode) -> Self {
+        ClientPool {
+            http: Arc::new(HttpClients::with_mode(mode)),
+            ..Self::default()
+        }
     }
 
     /// The endpoint for one side of a spec (`field` is `source` or `destination`, for errors).

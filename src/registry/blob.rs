@@ -38,7 +38,7 @@ impl RegistryClient {
         let resp = self
             .t
             .send(&what, &Access::Pull(repo.into()), || {
-                let req = self.t.http.get(&url);
+                let req = self.t.blob_http.get(&url);
                 if offset > 0 {
                     req.header(RANGE, format!("bytes={offset}-"))
                 } else {

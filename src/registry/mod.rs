@@ -7,6 +7,7 @@ mod blob;
 mod delete;
 pub mod digest;
 mod error;
+mod http;
 pub mod manifest;
 pub mod reference;
 pub mod referrers;
@@ -23,10 +24,11 @@ use futures_util::stream::BoxStream;
 
 pub use auth::{Credentials, DockerConfig};
 pub use error::{RegistryError, Result};
+pub use http::{HttpClients, HttpMode};
 pub use manifest::{Descriptor, Manifest, ManifestHead, Parsed, TagList};
 pub use reference::Repository;
 pub use referrers::{Referrer, ReferrerList};
-pub use transport::{HttpClients, RegistryOptions};
+pub use transport::RegistryOptions;
 pub use upload::MountOutcome;
 
 /// A stream of blob bytes.

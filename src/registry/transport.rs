@@ -11,6 +11,7 @@ use tokio::sync::Mutex;
 
 use super::auth::{Challenge, Credentials, Token, TokenResponse};
 use super::error::{RegistryError, Result};
+use super::http::{ClientPair, HttpClients, HttpMode};
 
 /// How to reach one registry. Every field defaults to the safe choice.
 #[derive(Clone, Default)]
@@ -81,76 +82,12 @@ pub(crate) const MAX_ERROR_BODY: usize = 4096;
 /// Largest token answer read (JWTs with many scopes run to a few KiB).
 pub(crate) const MAX_TOKEN_BODY: usize = 256 * 1024;
 
-/// HTTP clients by TLS settings, for registry clients to share: building one loads and parses
-/// the system's root certificates (~5 ms each), and clones share one connection pool, which
-/// keys connections by host anyway. Use one per runtime (pooled connections belong to the
-/// runtime that opened them).
-#[derive(Default)]
-pub struct HttpClients {
-    clients: std::sync::Mutex<Vec<(HttpKey, reqwest::Client)>>,
-}
-
-/// (skip verification, extra CA PEM).
-type HttpKey = (bool, Option<Vec<u8>>);
-
-impl HttpClients {
-    /// The client for `options`' TLS settings, built on first use.
-    pub(crate) fn get(
-        &self,
-        options: &RegistryOptions,
-    ) -> std::result::Result<reqwest::Client, String> {
-        let key: HttpKey = (options.insecure_skip_tls_verify, options.ca_pem.clone());
-        let mut clients = self.clients.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some((_, c)) = clients.iter().find(|(k, _)| *k == key) {
-            return Ok(c.clone());
-        }
-        let client = build_http_client(options)?;
-        // Distinct CA bundles are few; bounded all the same for a long-running controller.
-        if clients.len() >= 64 {
-            clients.clear();
-        }
-        clients.push((key, client.clone()));
-        Ok(client)
-    }
-}
-
-fn build_http_client(options: &RegistryOptions) -> std::result::Result<reqwest::Client, String> {
-    let mut builder = reqwest::Client::builder()
-        .connect_timeout(Duration::from_secs(15))
-        // A stalled connection must fail so the retry can start; a slow but moving blob must not.
-        .read_timeout(Duration::from_secs(60))
-        .pool_idle_timeout(Duration::from_secs(60))
-        .user_agent(concat!("imagemirror/", env!("CARGO_PKG_VERSION")))
-        // reqwest drops Authorization when a redirect changes host or port; refusing
-        // https -> http as well keeps credentials (and content) off plain text.
-        .redirect(reqwest::redirect::Policy::custom(|attempt| {
-            let downgrade = attempt.url().scheme() == "http"
-                && attempt.previous().iter().any(|u| u.scheme() == "https");
-            if downgrade {
-                attempt.error("refusing a redirect from https to http")
-            } else if attempt.previous().len() > 5 {
-                attempt.error("too many redirects")
-            } else {
-                attempt.follow()
-            }
-        }))
-        .tls_danger_accept_invalid_certs(options.insecure_skip_tls_verify);
-    if let Some(pem) = &options.ca_pem {
-        let certs = reqwest::Certificate::from_pem_bundle(pem)
-            .map_err(|e| format!("CA certificates do not parse: {e}"))?;
-        if certs.is_empty() {
-            return Err("CA bundle holds no certificate".into());
-        }
-        for cert in certs {
-            builder = builder.add_root_certificate(cert);
-        }
-    }
-    builder.build().map_err(|e| format!("HTTP client: {e}"))
-}
-
 /// The HTTP side of a registry client.
 pub(crate) struct Transport {
+    /// For requests without a blob body: manifests, HEADs, tag lists, upload sessions.
     pub(crate) http: reqwest::Client,
+    /// For blob bodies (GET, upload PUT/PATCH); see [`HttpMode`].
+    pub(crate) blob_http: reqwest::Client,
     /// `https://host:port` or `http://host:port`.
     pub(crate) base: String,
     /// The host, for messages.
@@ -171,14 +108,15 @@ impl Transport {
             what: host.to_string(),
             detail,
         };
-        let http = match shared {
+        let pair = match shared {
             Some(clients) => clients.get(options),
-            None => build_http_client(options),
+            None => ClientPair::build(options, HttpMode::default()),
         }
         .map_err(config_err)?;
         let scheme = if options.plain_http { "http" } else { "https" };
         Ok(Transport {
-            http,
+            http: pair.meta,
+            blob_http: pair.blob,
             base: format!("{scheme}://{host}"),
             host: host.to_string(),
             credentials: options.credentials.clone(),

@@ -89,7 +89,7 @@ impl RegistryClient {
             .send(&what, &Access::Push(repo.into()), || {
                 let req = self
                     .t
-                    .http
+                    .blob_http
                     .put(&url)
                     .header(CONTENT_TYPE, "application/octet-stream")
                     .header(CONTENT_LENGTH, size);
@@ -122,7 +122,7 @@ impl RegistryClient {
             .send(&what, &Access::Push(repo.into()), || {
                 let req = self
                     .t
-                    .http
+                    .blob_http
                     .patch(location)
                     .header(CONTENT_TYPE, "application/octet-stream")
                     .header(CONTENT_RANGE, format!("{offset}-{end}"))

@@ -60,6 +60,7 @@ pub(super) async fn run(
             |n| {
                 let (session, sent, what) = (&session, &sent, &what);
                 async move {
+                    let started = std::time::Instant::now();
                     let work = attempt(
                         engine,
                         req,
@@ -70,7 +71,12 @@ pub(super) async fn run(
                         sent,
                         tx,
                     );
-                    watchdog::guard(engine.config().stall, what, sent, tx, work).await
+                    let result = watchdog::guard(engine.config().stall, what, sent, tx, work).await;
+                    if let Err(e @ RegistryError::Stalled { .. }) = &result {
+                        // The watchdog dropped the attempt and its permits: tell the limits.
+                        engine.note_failure(req.source.host(), req.destination.host(), started, e);
+                    }
+                    result
                 }
             },
             |attempt, delay, err| {
@@ -116,9 +122,26 @@ async fn attempt(
         session.cancel().await;
         return Ok(BlobOutcome::Exists);
     }
-    let _permits = engine
+    let permits = engine
         .permits(req.source.host(), req.destination.host(), req.size)
         .await;
+    let before = sent.load(Ordering::Relaxed);
+    let result = move_bytes(req, mount_from, chunk, blind, &mut session, sent, tx).await;
+    // Feeds the registries' adaptive limits: bytes moved, or push-back.
+    permits.finish(&result, sent.load(Ordering::Relaxed).saturating_sub(before));
+    result
+}
+
+/// The part of an attempt that holds the transfer permits.
+async fn move_bytes(
+    req: &BlobRequest,
+    mount_from: Option<&str>,
+    chunk: Option<u64>,
+    blind: bool,
+    session: &mut Session,
+    sent: &Arc<AtomicU64>,
+    tx: &Arc<watch::Sender<BlobState>>,
+) -> Result<BlobOutcome, RegistryError> {
     let Some(chunk) = chunk else {
         // Blind, nothing can make the source's bytes unneeded: ask for them while the session
         // opens, one round trip fewer per small blob.
@@ -142,7 +165,7 @@ async fn attempt(
         }
         return result;
     };
-    let offset = match chunked::resume_offset(req, &mut session).await? {
+    let offset = match chunked::resume_offset(req, session).await? {
         Some(offset) => offset,
         None => {
             match open_session(req, mount_from).await? {
@@ -152,7 +175,7 @@ async fn attempt(
             0
         }
     };
-    chunked::upload(req, &mut session, offset, chunk, sent, tx).await
+    chunked::upload(req, session, offset, chunk, sent, tx).await
 }
 
 enum Opened {

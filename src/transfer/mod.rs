@@ -6,9 +6,11 @@
 //! watcher has gone. A request for the same digest to another repository of the same registry
 //! waits for the first and then mounts instead of copying the bytes again.
 
+mod adaptive;
 mod blob;
 mod chunked;
 mod keyed_lock;
+mod permits;
 mod progress;
 mod ratelimit;
 mod retry;
@@ -22,6 +24,7 @@ use tokio::sync::{Semaphore, watch};
 use tokio::task::AbortHandle;
 
 use crate::registry::{Registry, RegistryError};
+use permits::Lane;
 
 pub use progress::{BlobOutcome, BlobProgress, BlobState, ProgressSink, no_progress};
 pub use ratelimit::{RateLimit, RateLimited};
@@ -35,9 +38,16 @@ pub struct EngineConfig {
     /// Blob transfers running at once across all registries. Default 8. A blob of at most
     /// [`SMALL_BLOB`] bytes counts half: twice as many of those run at once.
     pub max_concurrent: usize,
-    /// Blob transfers running at once against any one registry (source or destination).
-    /// Default 4. Small blobs count half, as for `max_concurrent`.
+    /// Blob transfers running at once against any one registry (source or destination): the
+    /// cap of the adaptive limit, or the fixed limit when `adaptive` is off. Default 4. Small
+    /// blobs count half, as for `max_concurrent`.
     pub max_per_registry: usize,
+    /// Where each registry's adaptive limit starts (clamped to `[1, max_per_registry]`);
+    /// `None` starts at the cap. Default `None`.
+    pub initial_per_registry: Option<usize>,
+    /// Adapt each registry's limit within `[1, max_per_registry]` to its goodput and
+    /// push-back (see `adaptive.rs`); off: fixed at `max_per_registry`. Default true.
+    pub adaptive: bool,
     /// Retry policy for blob transfers. Default: 5 attempts, 500 ms base, 30 s cap. Its cap
     /// also bounds how long a `429` with `Retry-After` pauses a registry.
     pub retry: RetryPolicy,
@@ -60,6 +70,10 @@ pub struct EngineConfig {
     /// Abandons (and retries) a transfer attempt whose bytes stop moving; `None` disables.
     /// Default: under 1 KiB in 60 s.
     pub stall: Option<StallWatchdog>,
+    /// Which HTTP version carries blob bodies and other requests (registry clients built
+    /// through a `ClientPool` made with it). Default: HTTP/1.1 for blobs, HTTP/2 where offered
+    /// for the rest.
+    pub http: crate::registry::HttpMode,
 }
 
 /// Smallest chunk the engine sends: below it the per-request cost dominates.
@@ -88,12 +102,15 @@ impl Default for EngineConfig {
         EngineConfig {
             max_concurrent: 8,
             max_per_registry: 4,
+            initial_per_registry: None,
+            adaptive: true,
             retry: RetryPolicy::default(),
             chunked_threshold: 64 * 1024 * 1024,
             chunk_size: 16 * 1024 * 1024,
             rate_limit: None,
             blind_upload_max: 1024 * 1024,
             stall: Some(StallWatchdog::default()),
+            http: crate::registry::HttpMode::default(),
         }
     }
 }
@@ -176,8 +193,10 @@ struct Inner {
     config: EngineConfig,
     manifests: keyed_lock::KeyedLocks,
     global: Arc<Semaphore>,
-    /// Per registry host: the transfer limit, and the mount limit.
+    /// Per registry host: the mount limit.
     per_registry: Mutex<HashMap<(String, Lane), Arc<Semaphore>>>,
+    /// Per registry host: the (adaptive) transfer limit.
+    transfer_limits: Mutex<HashMap<String, Arc<adaptive::AdaptiveLimit>>>,
     /// Request pacing per registry host.
     buckets: Mutex<HashMap<String, Arc<ratelimit::Bucket>>>,
     state: Mutex<Book>,
@@ -199,6 +218,7 @@ impl Engine {
                 manifests: keyed_lock::KeyedLocks::default(),
                 global,
                 per_registry: Mutex::new(HashMap::new()),
+                transfer_limits: Mutex::new(HashMap::new()),
                 buckets: Mutex::new(HashMap::new()),
                 state: Mutex::new(Book::default()),
             }),
@@ -428,59 +448,6 @@ impl Engine {
             st.by_digest.remove(&digest_key);
         }
     }
-
-    /// Permits for a transfer of `size` bytes between two registries: per registry in name
-    /// order first (so two transfers never wait on each other's registry permit), then the
-    /// global one, so a queue on one busy registry holds no global slot an idle registry
-    /// could use.
-    async fn permits(&self, a: &str, b: &str, size: u64) -> Permits {
-        let n = units(size);
-        let mut held = Vec::new();
-        let mut hosts = vec![a.to_string(), b.to_string()];
-        hosts.sort();
-        hosts.dedup();
-        for h in hosts {
-            if let Ok(p) = self
-                .registry_limit(&h, Lane::Transfer)
-                .acquire_many_owned(n)
-                .await
-            {
-                held.push(p);
-            }
-        }
-        if let Ok(p) = self.inner.global.clone().acquire_many_owned(n).await {
-            held.push(p);
-        }
-        Permits { _held: held }
-    }
-
-    /// A permit for one mount into `host`.
-    async fn mount_permit(&self, host: &str) -> Permits {
-        let held = self
-            .registry_limit(host, Lane::Mount)
-            .acquire_owned()
-            .await
-            .ok();
-        Permits {
-            _held: held.into_iter().collect(),
-        }
-    }
-}
-
-/// Which limit of a registry a request counts against.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-enum Lane {
-    /// Blob transfers (in units, see [`units`]).
-    Transfer,
-    /// Cross-repository mounts: one request each, moving no bytes, so they do not queue behind
-    /// transfers; bounded all the same (as many as small transfers), so a thousand mirrors
-    /// sharing a layer do not send a thousand mounts at once.
-    Mount,
-}
-
-/// The global permit and per-registry permits of one running transfer; released on drop.
-struct Permits {
-    _held: Vec<tokio::sync::OwnedSemaphorePermit>,
 }
 
 /// Forwards a transfer's states to `report` until it finishes.
