@@ -46,7 +46,8 @@ pub struct EngineConfig {
     /// `None` starts at the cap. Default `None`.
     pub initial_per_registry: Option<usize>,
     /// Adapt each registry's limit within `[1, max_per_registry]` to its goodput and
-    /// push-back (see `adaptive.rs`); off: fixed at `max_per_registry`. Default true.
+    /// push-back (see `adaptive.rs`); off: fixed at `max_per_registry`. Default false: under
+    /// 20% 429s it halved the limit to 1 and ran 10x slower than fixed (tests/it/hostile.rs).
     pub adaptive: bool,
     /// Retry policy for blob transfers. Default: 5 attempts, 500 ms base, 30 s cap. Its cap
     /// also bounds how long a `429` with `Retry-After` pauses a registry.
@@ -103,7 +104,7 @@ impl Default for EngineConfig {
             max_concurrent: 8,
             max_per_registry: 4,
             initial_per_registry: None,
-            adaptive: true,
+            adaptive: false,
             retry: RetryPolicy::default(),
             chunked_threshold: 64 * 1024 * 1024,
             chunk_size: 16 * 1024 * 1024,
