@@ -391,8 +391,16 @@ async fn one_mirror(
             let resolved = prune::resolve(engine, &source, &plan.items).await;
             let mut scratch = record.clone();
             *report = Some(
-                mirror::prune_after_sync(engine, spec, &destination, &mut scratch, &resolved, true)
-                    .await,
+                mirror::prune_after_sync(
+                    engine,
+                    spec,
+                    &source,
+                    &destination,
+                    &mut scratch,
+                    &resolved,
+                    true,
+                )
+                .await,
             );
         }
         return Ok(SyncReport {
@@ -403,7 +411,7 @@ async fn one_mirror(
     let report = mirror::sync(
         engine,
         spec,
-        source,
+        source.clone(),
         destination.clone(),
         opts.engine.max_concurrent.max(1),
         progress,
@@ -413,7 +421,8 @@ async fn one_mirror(
     .map_err(|e: SyncError| e.to_string())?;
     if let Some((record, prune)) = pruning {
         *prune = Some(
-            mirror::prune_after_sync(engine, spec, &destination, record, &report, false).await,
+            mirror::prune_after_sync(engine, spec, &source, &destination, record, &report, false)
+                .await,
         );
     }
     Ok(report)

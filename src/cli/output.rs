@@ -111,6 +111,17 @@ fn prune_rows(rows: &mut Vec<Row>, o: &MirrorOutcome, p: &PruneReport) {
             Some(r.message.clone()),
         ));
     }
+    let referrer = if o.dry_run {
+        "WouldPruneReferrer"
+    } else {
+        "PrunedReferrer"
+    };
+    for r in &p.outcome.referrers_pruned {
+        rows.push(row(r, referrer, None, None));
+    }
+    for r in &p.outcome.referrers_kept {
+        rows.push(row("-", "RetainedReferrer", None, Some(r.clone())));
+    }
     let note = p.skipped.map(|s| s.message()).or(p.outcome.warning.clone());
     if let Some(message) = note {
         rows.push(row("-", "NotPruned", None, Some(message)));

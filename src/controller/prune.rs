@@ -38,6 +38,7 @@ pub struct Pruned {
 pub(super) async fn run(
     ctx: &Context,
     m: &Mirror<'_>,
+    source: &Endpoint,
     destination: &Endpoint,
     report: &SyncReport,
 ) -> Option<Pruned> {
@@ -69,6 +70,7 @@ pub(super) async fn run(
     let report = mirror::prune_after_sync(
         &ctx.engine,
         &obj.spec,
+        source,
         destination,
         &mut record,
         report,
@@ -88,17 +90,24 @@ pub(super) async fn run(
     };
     let out = &pruned.report.outcome;
     if !out.pruned.is_empty() {
-        let note = format!(
+        let mut note = format!(
             "pruned {} tag(s) from {}: {}",
             out.pruned.len(),
             destination.repo,
             out.pruned.join(", ")
         );
+        if !out.referrers_pruned.is_empty() {
+            note.push_str(&format!(
+                "; and {} of their referrers",
+                out.referrers_pruned.len()
+            ));
+        }
         publish::event(ctx, obj, false, EVENT_PRUNED, note).await;
     }
     let message = pruned.message();
     let previous = m.prev.prune.as_ref().and_then(|p| p.message.clone());
-    if (out.warning.is_some() || !out.retained.is_empty()) && message != previous {
+    let troubled = out.warning.is_some() || !out.retained.is_empty();
+    if (troubled || !out.referrers_kept.is_empty()) && message != previous {
         let note = message.unwrap_or_default();
         publish::event(ctx, obj, true, EVENT_PRUNE_WARNING, note).await;
     }

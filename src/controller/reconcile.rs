@@ -144,8 +144,8 @@ async fn steps(m: &mut Mirror<'_>, ctx: &Context) -> Result<Action, ReconcileErr
         return Ok(Action::requeue(wait));
     }
     let (source, destination) = dereference(m, ctx, &valid).await?;
-    let (report, destination) = sync(m, ctx, &valid, source, destination).await?;
-    let pruned = super::prune::run(ctx, m, &destination, &report).await;
+    let (report, source, destination) = sync(m, ctx, &valid, source, destination).await?;
+    let pruned = super::prune::run(ctx, m, &source, &destination, &report).await;
     publish::synced(m, ctx, report, pruned).await
 }
 
@@ -266,7 +266,7 @@ async fn sync(
     valid: &ValidSpec,
     source: EndpointAccess,
     destination: EndpointAccess,
-) -> Result<(SyncReport, Endpoint), ReconcileError> {
+) -> Result<(SyncReport, Endpoint, Endpoint), ReconcileError> {
     if m.prev.observed_generation != m.generation || m.prev.conditions.is_empty() {
         let s = status::progressing(&m.prev, m.generation, Timestamp::now());
         publish::write_status(m, s).await?;
@@ -287,7 +287,7 @@ async fn sync(
     let run = mirror::sync(
         &ctx.engine,
         spec,
-        source,
+        source.clone(),
         destination.clone(),
         ctx.item_concurrency,
         publish::metrics_sink(ctx),
@@ -319,7 +319,7 @@ async fn sync(
     ctx.metrics
         .sync_duration
         .observe(started.elapsed().as_secs_f64());
-    Ok((result??, destination))
+    Ok((result??, source, destination))
 }
 
 /// The error policy kube-runtime calls (only when status itself could not be written):

@@ -6,6 +6,7 @@ mod copy;
 pub mod filtered;
 pub mod plan;
 pub mod prune;
+mod prune_referrers;
 mod prune_run;
 mod referrers;
 mod referrers_copy;
@@ -193,6 +194,12 @@ impl PruneReport {
         if let Some(w) = &self.outcome.warning {
             parts.push(w.clone());
         }
+        if let Some(r) = self.outcome.referrers_kept.first() {
+            parts.push(format!(
+                "{} referrer(s) of pruned tags kept, e.g. {r}",
+                self.outcome.referrers_kept.len()
+            ));
+        }
         if let Some(r) = self.outcome.retained.first() {
             parts.push(format!(
                 "{} tag(s) kept, e.g. {}: {} ({})",
@@ -214,10 +221,12 @@ impl PruneReport {
 
 /// After a sync: records what `report` wrote in `record`, then deletes (with `dry_run`: only
 /// decides) the recorded tags the selection no longer selects, by the rules of [`prune`], and
-/// forgets what is gone. Never called for a sync that failed as a whole.
+/// forgets what is gone. With `spec.referrers.enabled`, the referrers it copied from `source`
+/// for a deleted manifest go too. Never called for a sync that failed as a whole.
 pub async fn prune_after_sync(
     engine: &Engine,
     spec: &ImageMirrorSpec,
+    source: &Endpoint,
     destination: &Endpoint,
     record: &mut PruneRecord,
     report: &SyncReport,
@@ -227,11 +236,16 @@ pub async fn prune_after_sync(
     let decision = prune::decide(record, report);
     let mut protected = prune::selected_digests(report);
     protected.extend(spec.digests.iter().cloned());
+    let options = ReferrersOptions::from_spec(&spec.referrers, None);
+    let scope = options
+        .as_ref()
+        .map(|options| prune_referrers::ReferrerScope { source, options });
     let outcome = prune_run::prune(
         engine,
         destination,
         &decision.candidates,
         &protected,
+        scope.as_ref(),
         dry_run,
     )
     .await;

@@ -8,6 +8,8 @@
 //! 3. By tag: `DELETE /v2/<name>/manifests/<tag>`. By digest (CNCF distribution 2.x): only
 //!    digests no other tag, index, pinned digest or selected item uses, which needs the
 //!    destination's tag list (at most [`MAX_CHECKED_TAGS`]) and a HEAD of each tag.
+//! 4. With `spec.referrers.enabled`, the referrers this mirror copied for each deleted
+//!    manifest go too (`prune_referrers.rs`), by the same inventory of the destination's tags.
 
 use std::collections::{BTreeSet, HashMap};
 
@@ -15,6 +17,7 @@ use futures_util::StreamExt;
 
 use super::Endpoint;
 use super::prune::{Candidate, RetainReason, Retained, by_digest};
+use super::prune_referrers::{Cleanup, Deleted, ReferrerScope};
 use crate::registry::manifest::is_index;
 use crate::registry::{Parsed, RegistryError};
 use crate::transfer::Engine;
@@ -39,9 +42,23 @@ pub struct PruneOutcome {
     /// Set when the registry refuses deletes (or the credentials may not delete): a warning,
     /// not a failure of the sync.
     pub warning: Option<String>,
+    /// Referrers of deleted manifests deleted with them (a dry run: that would be), each
+    /// named with the tag it belonged to: cosign tags, referrer manifests, fallback indexes.
+    pub referrers_pruned: Vec<String>,
+    /// Referrers of deleted manifests that were kept although this mirror copied them, and
+    /// why (still used, the delete failed, the source could not be asked).
+    pub referrers_kept: Vec<String>,
 }
 
 impl PruneOutcome {
+    /// Adds `w` to the warning.
+    pub(super) fn warn(&mut self, w: String) {
+        self.warning = Some(match self.warning.take() {
+            Some(before) => format!("{before}; {w}"),
+            None => w,
+        });
+    }
+
     /// Tags to drop from the record: deleted, gone, or no longer ours.
     pub fn forgotten(&self) -> impl Iterator<Item = &String> {
         self.pruned.iter().chain(&self.gone).chain(
@@ -62,11 +79,13 @@ enum Mode {
 
 /// Deletes (or with `dry_run` only decides) `candidates` at `destination`. `protected`: digests
 /// that must survive whatever happens (pinned digests, the selected items' digests).
+/// `referrers`: set when the mirror copies referrers; they are pruned with their manifests.
 pub async fn prune(
     engine: &Engine,
     destination: &Endpoint,
     candidates: &[Candidate],
     protected: &BTreeSet<String>,
+    referrers: Option<&ReferrerScope<'_>>,
     dry_run: bool,
 ) -> PruneOutcome {
     let mut out = PruneOutcome::default();
@@ -80,13 +99,28 @@ pub async fn prune(
     let retry = &engine.config().retry;
     let repo = dst.repo.path();
     let mut live = Vec::new();
+    // The platforms of a live index, read before it is deleted: their referrers go with it.
+    let mut children: HashMap<String, Vec<String>> = HashMap::new();
     for c in candidates {
         let head = retry
             .run(|_| dst.registry.head_manifest(repo, &c.tag), |_, _, _| {})
             .await;
         match head {
             Ok(None) => out.gone.push(c.tag.clone()),
-            Ok(Some(h)) if h.digest.as_deref() == Some(c.digest.as_str()) => live.push(c.clone()),
+            Ok(Some(h)) if h.digest.as_deref() == Some(c.digest.as_str()) => {
+                if referrers.is_some() && h.media_type.as_deref().is_some_and(is_index) {
+                    match index_children(engine, &dst, &c.digest).await {
+                        Ok(list) => {
+                            children.insert(c.digest.clone(), list);
+                        }
+                        Err(e) => out.referrers_kept.push(format!(
+                            "referrers of the platforms of {} kept: reading the index failed: {e}",
+                            c.tag
+                        )),
+                    }
+                }
+                live.push(c.clone())
+            }
             Ok(Some(h)) => out.retained.push(Retained {
                 tag: c.tag.clone(),
                 reason: RetainReason::ChangedElsewhere,
@@ -127,6 +161,13 @@ pub async fn prune(
             ));
         }
         Ok(Mode::Tag) => {
+            let mut inventory = None;
+            if referrers.is_some() {
+                let skip: BTreeSet<&str> = live.iter().map(|c| c.tag.as_str()).collect();
+                // Read before the deletes: tag deletes leave the manifests, so this is what
+                // stays, minus the candidates.
+                inventory = Some(self::inventory(engine, &dst, &skip).await);
+            }
             for c in &live {
                 let deleted = if dry_run {
                     Ok(())
@@ -145,13 +186,103 @@ pub async fn prune(
                     }),
                 }
             }
+            if let (Some(scope), Some(inventory)) = (referrers, inventory) {
+                let mode = (true, dry_run);
+                with_referrers(
+                    engine, &dst, scope, inventory, protected, mode, &live, &children, &mut out,
+                )
+                .await;
+            }
         }
         Ok(Mode::Digest) => {
-            by_digest_guarded(engine, &dst, &live, protected, dry_run, &mut out).await
+            let inventory =
+                by_digest_guarded(engine, &dst, &live, protected, dry_run, &mut out).await;
+            if let (Some(scope), Some(inventory)) = (referrers, inventory) {
+                let mode = (false, dry_run);
+                with_referrers(
+                    engine,
+                    &dst,
+                    scope,
+                    Ok(inventory),
+                    protected,
+                    mode,
+                    &live,
+                    &children,
+                    &mut out,
+                )
+                .await;
+            }
         }
     }
     out.pruned.sort();
     out
+}
+
+/// Prunes the referrers of the manifests `out.pruned` deleted. `mode`: (by tag, dry run).
+#[allow(clippy::too_many_arguments)]
+async fn with_referrers(
+    engine: &Engine,
+    dst: &Endpoint,
+    scope: &ReferrerScope<'_>,
+    inventory: Result<Vec<TagUse>, (RetainReason, String)>,
+    protected: &BTreeSet<String>,
+    (by_tag, dry_run): (bool, bool),
+    live: &[Candidate],
+    children: &HashMap<String, Vec<String>>,
+    out: &mut PruneOutcome,
+) {
+    let pruned: BTreeSet<&str> = out.pruned.iter().map(String::as_str).collect();
+    let deleted: Vec<Deleted> = live
+        .iter()
+        .filter(|c| pruned.contains(c.tag.as_str()))
+        .map(|c| Deleted {
+            tag: c.tag.clone(),
+            digest: c.digest.clone(),
+            children: children.get(&c.digest).cloned().unwrap_or_default(),
+        })
+        .collect();
+    if deleted.is_empty() {
+        return;
+    }
+    let inventory = match inventory {
+        Ok(i) => i,
+        Err((_, message)) => {
+            out.referrers_kept
+                .push(format!("referrers of the pruned tags kept: {message}"));
+            return;
+        }
+    };
+    let cleanup = Cleanup {
+        engine,
+        dst,
+        scope,
+        inventory: &inventory,
+        protected,
+        by_tag,
+        dry_run,
+    };
+    cleanup.run(deleted, out).await;
+}
+
+/// The digests an index at the destination lists.
+async fn index_children(
+    engine: &Engine,
+    dst: &Endpoint,
+    digest: &str,
+) -> Result<Vec<String>, RegistryError> {
+    let what = format!("{}@{digest}", dst.repo);
+    let m = engine
+        .config()
+        .retry
+        .run(
+            |_| dst.registry.get_manifest(dst.repo.path(), digest),
+            |_, _, _| {},
+        )
+        .await?;
+    match m.parse(&what)? {
+        Parsed::Index { manifests } => Ok(manifests.into_iter().map(|m| m.digest).collect()),
+        Parsed::Image { .. } => Ok(Vec::new()),
+    }
 }
 
 fn check_failed(tag: &str, e: &RegistryError) -> Retained {
@@ -197,7 +328,8 @@ async fn probe(engine: &Engine, dst: &Endpoint) -> Result<Mode, RegistryError> {
     }
 }
 
-/// Digest deletes for the live candidates whose digest nothing else uses.
+/// Digest deletes for the live candidates whose digest nothing else uses. The inventory of
+/// the other tags, when it could be read.
 async fn by_digest_guarded(
     engine: &Engine,
     dst: &Endpoint,
@@ -205,20 +337,22 @@ async fn by_digest_guarded(
     protected: &BTreeSet<String>,
     dry_run: bool,
     out: &mut PruneOutcome,
-) {
-    let keep_all = |out: &mut PruneOutcome, reason: RetainReason, message: String| {
-        for c in live {
-            out.retained.push(Retained {
-                tag: c.tag.clone(),
-                reason,
-                message: message.clone(),
-            });
+) -> Option<Vec<TagUse>> {
+    let skip: BTreeSet<&str> = live.iter().map(|c| c.tag.as_str()).collect();
+    let inventory = match inventory(engine, dst, &skip).await {
+        Ok(i) => i,
+        Err((reason, message)) => {
+            for c in live {
+                out.retained.push(Retained {
+                    tag: c.tag.clone(),
+                    reason,
+                    message: message.clone(),
+                });
+            }
+            return None;
         }
     };
-    let users = match digest_users(engine, dst, live, protected).await {
-        Ok(u) => u,
-        Err((reason, message)) => return keep_all(out, reason, message),
-    };
+    let users = users_of(&inventory, protected);
     let (deletes, kept) = by_digest(live, &users);
     out.retained.extend(kept);
     let retry = &engine.config().retry;
@@ -248,16 +382,50 @@ async fn by_digest_guarded(
             }
         }
     }
+    Some(inventory)
 }
 
-/// Digest → who else uses it: every tag of the repository that is not a live candidate, the
-/// children of the indexes those tags point at, and `protected`.
-async fn digest_users(
+/// One destination tag outside the candidates: the digest it points at and, for an index,
+/// the digests it lists.
+#[derive(Clone, Debug)]
+pub(super) struct TagUse {
+    pub(super) tag: String,
+    pub(super) digest: String,
+    pub(super) children: Vec<String>,
+}
+
+/// Digest → who else uses it: every tag of `inventory`, the children of the indexes those
+/// tags point at, and `protected`.
+fn users_of(inventory: &[TagUse], protected: &BTreeSet<String>) -> HashMap<String, String> {
+    let mut users: HashMap<String, String> = HashMap::new();
+    for u in inventory {
+        users
+            .entry(u.digest.clone())
+            .or_insert(format!("tag {}", u.tag));
+    }
+    // A digest delete must not break an index that lists the manifest as a platform.
+    for u in inventory {
+        for c in &u.children {
+            users
+                .entry(c.clone())
+                .or_insert(format!("the index of tag {}", u.tag));
+        }
+    }
+    // Named last, so a message names the tag that uses the digest when there is one.
+    for d in protected {
+        users
+            .entry(d.clone())
+            .or_insert_with(|| "a selected item or pinned digest".to_string());
+    }
+    users
+}
+
+/// Every tag of the destination repository except `skip`, with what it points at.
+async fn inventory(
     engine: &Engine,
     dst: &Endpoint,
-    live: &[Candidate],
-    protected: &BTreeSet<String>,
-) -> Result<HashMap<String, String>, (RetainReason, String)> {
+    skip: &BTreeSet<&str>,
+) -> Result<Vec<TagUse>, (RetainReason, String)> {
     let retry = &engine.config().retry;
     let repo = dst.repo.path();
     let pages = MAX_CHECKED_TAGS.div_ceil(1000);
@@ -274,12 +442,10 @@ async fn digest_users(
             ),
         ));
     }
-    let mut users: HashMap<String, String> = HashMap::new();
-    let candidates: BTreeSet<&str> = live.iter().map(|c| c.tag.as_str()).collect();
     let others: Vec<String> = list
         .tags
         .into_iter()
-        .filter(|t| !candidates.contains(t.as_str()))
+        .filter(|t| !skip.contains(t.as_str()))
         .collect();
     let heads: Vec<(String, Result<_, RegistryError>)> = futures_util::stream::iter(others)
         .map(|tag| async move {
@@ -291,6 +457,7 @@ async fn digest_users(
         .buffer_unordered(CHECK_CONCURRENCY)
         .collect()
         .await;
+    let mut found = Vec::new();
     let mut indexes = Vec::new();
     for (tag, head) in heads {
         match head {
@@ -304,46 +471,37 @@ async fn digest_users(
                     ));
                 };
                 if h.media_type.as_deref().is_some_and(is_index) {
-                    indexes.push((tag.clone(), digest.clone()));
+                    indexes.push((tag, digest));
+                } else {
+                    found.push(TagUse {
+                        tag,
+                        digest,
+                        children: Vec::new(),
+                    });
                 }
-                users.entry(digest).or_insert(format!("tag {tag}"));
             }
             Err(e) => return Err((RetainReason::CheckFailed, e.to_string())),
         }
     }
-    // A digest delete must not break an index that lists the manifest as a platform.
-    let children: Vec<_> = futures_util::stream::iter(indexes)
+    let listed: Vec<_> = futures_util::stream::iter(indexes)
         .map(|(tag, digest)| async move {
-            let what = format!("{}@{digest}", dst.repo);
-            let got = retry
-                .run(|_| dst.registry.get_manifest(repo, &digest), |_, _, _| {})
-                .await
-                .and_then(|m| m.parse(&what));
-            (tag, got)
+            let got = index_children(engine, dst, &digest).await;
+            (tag, digest, got)
         })
         .buffer_unordered(CHECK_CONCURRENCY)
         .collect()
         .await;
-    for (tag, got) in children {
-        match got {
-            Ok(Parsed::Index { manifests }) => {
-                for m in manifests {
-                    users
-                        .entry(m.digest)
-                        .or_insert(format!("the index of tag {tag}"));
-                }
-            }
-            Ok(Parsed::Image { .. }) => {}
-            Err(e) => return Err((RetainReason::CheckFailed, e.to_string())),
-        }
+    for (tag, digest, got) in listed {
+        let children = got.map_err(|e| (RetainReason::CheckFailed, e.to_string()))?;
+        found.push(TagUse {
+            tag,
+            digest,
+            children,
+        });
     }
-    // Named last, so a message names the tag that uses the digest when there is one.
-    for d in protected {
-        users
-            .entry(d.clone())
-            .or_insert_with(|| "a selected item or pinned digest".to_string());
-    }
-    Ok(users)
+    // Deterministic messages ("tag x uses the digest") whatever order the answers came in.
+    found.sort_by(|a, b| a.tag.cmp(&b.tag));
+    Ok(found)
 }
 
 #[cfg(test)]

@@ -112,8 +112,9 @@ impl Registry for Fake {
         }
         .boxed()
     }
-    fn get_manifest<'a>(&'a self, _: &'a str, _: &'a str) -> BoxFuture<'a, Result<Manifest>> {
-        unused()
+    fn get_manifest<'a>(&'a self, _: &'a str, r: &'a str) -> BoxFuture<'a, Result<Manifest>> {
+        // Only fallback indexes are asked for; none exist here.
+        async move { Err(RegistryError::NotFound { what: r.into() }) }.boxed()
     }
     fn put_manifest<'a>(
         &'a self,
@@ -211,6 +212,7 @@ async fn run(fake: &Arc<Fake>, candidates: &[Candidate], dry_run: bool) -> Prune
         &endpoint(fake),
         candidates,
         &BTreeSet::new(),
+        None,
         dry_run,
     )
     .await
@@ -296,4 +298,55 @@ async fn a_dry_run_decides_the_same_and_deletes_nothing() {
         let real = run(&fake, &candidates, false).await;
         assert_eq!(dry, real, "tag deletes: {tag_deletes}");
     }
+}
+
+#[tokio::test]
+async fn referrers_go_only_with_an_unused_digest_and_only_when_copied() {
+    let tag = |digest: &str, suffix: &str| format!("sha256-{}{suffix}", &digest[7..]);
+    let (sig1, sig2, att2) = (tag(&d(1), ".sig"), tag(&d(2), ".sig"), tag(&d(2), ".att"));
+    let source = Fake::new(&[(&sig1, d(5)), (&sig2, d(6)), (&att2, d(8))], true, true);
+    // `a` keeps d(1) and so its signature; the attestation of d(2) is not the source's.
+    let fake = Fake::new(
+        &[
+            ("a", d(1)),
+            ("b", d(1)),
+            ("old", d(2)),
+            (&sig1, d(5)),
+            (&sig2, d(6)),
+            (&att2, d(7)),
+        ],
+        true,
+        true,
+    );
+    let engine = Engine::new(EngineConfig::default());
+    let options = crate::mirror::ReferrersOptions::default();
+    let src = endpoint(&source);
+    let scope = ReferrerScope {
+        source: &src,
+        options: &options,
+    };
+    let candidates = [candidate("b", d(1)), candidate("old", d(2))];
+    let (dst, none) = (endpoint(&fake), BTreeSet::new());
+    let prune = |dry_run| prune(&engine, &dst, &candidates, &none, Some(&scope), dry_run);
+    let dry = prune(true).await;
+    assert_eq!(fake.tags().len(), 6, "a dry run deletes nothing");
+    let out = prune(false).await;
+    assert_eq!(dry, out);
+    assert_eq!(out.pruned, ["b", "old"]);
+    assert_eq!(out.referrers_pruned, [format!("old: cosign tag {sig2}")]);
+    assert!(
+        out.referrers_kept
+            .iter()
+            .any(|k| k.contains("tag a still uses")),
+        "{out:?}"
+    );
+    assert!(
+        out.referrers_kept
+            .iter()
+            .any(|k| k.contains(&att2) && k.contains("not copied")),
+        "{out:?}"
+    );
+    let mut left = vec!["a".to_string(), att2, sig1];
+    left.sort();
+    assert_eq!(fake.tags(), left);
 }

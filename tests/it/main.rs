@@ -16,6 +16,7 @@ mod layout_crash;
 mod memory;
 mod platforms;
 mod prune;
+mod prune_referrers;
 mod referrers;
 mod resume;
 mod scale_bench;
