@@ -218,7 +218,7 @@ impl Drop for AboveBars {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::registry::RegistryError;
+    use crate::transfer::TransferError;
 
     fn event(digest: &str, size: u64, state: BlobState) -> BlobProgress {
         BlobProgress {
@@ -259,7 +259,9 @@ mod tests {
         sink(&event(
             "sha256:bbbbbbbbbbbbbbbb",
             500,
-            BlobState::Finished(Err(RegistryError::NotFound { what: "x".into() })),
+            BlobState::Finished(Err(TransferError::Cancelled {
+                digest: "sha256:bbbbbbbbbbbbbbbb".into(),
+            })),
         ));
         assert_eq!(bars.totals(), (1000, 1000));
         assert_eq!(bars.active(), 0);

@@ -13,7 +13,9 @@ use super::plan::Item;
 use super::referrers::{self, ReferrerError, ReferrersOptions, ReferrersOutcome, Top};
 use crate::registry::manifest::is_index;
 use crate::registry::{Manifest, Parsed, Registry, RegistryError, Repository};
-use crate::transfer::{BlobOutcome, BlobProgress, BlobRequest, BlobState, Engine, ProgressSink};
+use crate::transfer::{
+    BlobOutcome, BlobProgress, BlobRequest, BlobState, Engine, ProgressSink, TransferError,
+};
 
 /// Nested indexes deeper than this are refused (real images have one level).
 const MAX_DEPTH: usize = 3;
@@ -59,6 +61,9 @@ pub enum MirrorError {
     /// The registry side failed; its error names the object.
     #[error(transparent)]
     Registry(#[from] RegistryError),
+    /// A blob transfer failed; its error names the blob and the step.
+    #[error(transparent)]
+    Transfer(#[from] TransferError),
     /// `overwrite: false` and the destination tag points at other content.
     #[error("destination tag {tag} points at {existing}, not {wanted}, and overwrite is false")]
     TagConflict {
@@ -75,10 +80,21 @@ pub enum MirrorError {
 }
 
 impl MirrorError {
+    /// The destination says a blob it was believed to hold is not there (see
+    /// [`RegistryError::is_blob_unknown`]).
+    pub fn is_blob_unknown(&self) -> bool {
+        match self {
+            MirrorError::Registry(e) => e.is_blob_unknown(),
+            MirrorError::Transfer(e) => e.is_blob_unknown(),
+            _ => false,
+        }
+    }
+
     /// A short CamelCase reason for status, Events and metrics.
     pub fn reason(&self) -> &'static str {
         match self {
             MirrorError::Registry(e) => e.reason(),
+            MirrorError::Transfer(e) => e.reason(),
             MirrorError::TagConflict { .. } => "TagConflict",
             MirrorError::TooDeep(_) => "ManifestInvalid",
             MirrorError::Referrer(_) => "ReferrerFailed",
@@ -223,7 +239,7 @@ impl Ctx<'_> {
         };
         let mut top = Top::default();
         out.result = self.copy_item_inner(item, &mut out, &mut top).await;
-        if let Err(MirrorError::Registry(e)) = &out.result
+        if let Err(e) = &out.result
             && e.is_blob_unknown()
         {
             // The destination lost a blob the engine believed present (deleted and

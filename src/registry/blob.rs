@@ -48,11 +48,10 @@ impl RegistryClient {
             .await?;
         let resp = check(&what, resp).await?;
         if offset > 0 && resp.status() != StatusCode::PARTIAL_CONTENT {
-            return Err(RegistryError::Status {
+            return Err(RegistryError::RangeIgnored {
                 what,
+                offset,
                 status: resp.status().as_u16(),
-                detail: format!("asked for bytes from {offset} on, got the whole blob"),
-                retry_after: None,
             });
         }
         let stream = resp

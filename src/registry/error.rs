@@ -36,9 +36,14 @@ pub enum RegistryError {
     /// CA, expired, wrong name) or the server does not speak TLS at all.
     #[error("{what}: TLS failed: {detail}")]
     Tls { what: String, detail: String },
-    /// A transfer whose bytes stopped moving (see the engine's stall watchdog).
-    #[error("{what}: stalled: {detail}")]
-    Stalled { what: String, detail: String },
+    /// A read from `offset` on was answered with something other than `206 Partial Content`
+    /// (typically the whole blob): the registry does not serve ranges.
+    #[error("{what}: asked for bytes from {offset} on, got HTTP {status} instead of 206")]
+    RangeIgnored {
+        what: String,
+        offset: u64,
+        status: u16,
+    },
     /// A manifest over the size limit; refused before it is read.
     #[error("manifest {what} is {size} bytes, over the {limit} byte limit")]
     ManifestTooLarge { what: String, size: u64, limit: u64 },
@@ -89,7 +94,7 @@ impl RegistryError {
             RegistryError::Status { .. } => "RegistryError",
             RegistryError::Transport { .. } => "NetworkError",
             RegistryError::Tls { .. } => "TLSError",
-            RegistryError::Stalled { .. } => "Stalled",
+            RegistryError::RangeIgnored { .. } => "RangeIgnored",
             RegistryError::ManifestTooLarge { .. } => "ManifestTooLarge",
             RegistryError::ManifestInvalid { .. } => "ManifestInvalid",
             RegistryError::Schema1 { .. } => "UnsupportedSchema1",
@@ -106,9 +111,7 @@ impl RegistryError {
     /// 408/429, digest mismatch, bad manifests) are not retried.
     pub fn is_retryable(&self) -> bool {
         match self {
-            RegistryError::RateLimited { .. }
-            | RegistryError::Transport { .. }
-            | RegistryError::Stalled { .. } => true,
+            RegistryError::RateLimited { .. } | RegistryError::Transport { .. } => true,
             RegistryError::Status { status, .. } => *status == 408 || *status >= 500,
             _ => false,
         }

@@ -12,7 +12,7 @@ use futures_util::StreamExt;
 use tokio::sync::{Mutex, watch};
 
 use super::verify::{FailureSlot, Verify};
-use super::{BlobOutcome, BlobRequest, BlobState, Engine};
+use super::{BlobOutcome, BlobRequest, BlobState, Engine, TransferError};
 use super::{chunked, watchdog};
 use crate::registry::digest::Hasher;
 use crate::registry::{BlobStream, MountOutcome, Registry, RegistryError};
@@ -23,7 +23,7 @@ pub(super) async fn run(
     req: &BlobRequest,
     mount_from: Option<&str>,
     tx: &Arc<watch::Sender<BlobState>>,
-) -> Result<BlobOutcome, RegistryError> {
+) -> Result<BlobOutcome, TransferError> {
     let mut mount_from = mount_from;
     if let Some(from) = mount_from {
         // A mount is one request that moves no bytes: tried before queueing for transfer
@@ -52,13 +52,12 @@ pub(super) async fn run(
         && mount_from.is_none()
         && chunk.is_none()
         && req.size <= engine.config().blind_upload_max;
-    let what = format!("blob {}", req.digest);
     let result = engine
         .config()
         .retry
         .run(
             |n| {
-                let (session, sent, what) = (&session, &sent, &what);
+                let (session, sent) = (&session, &sent);
                 async move {
                     let started = std::time::Instant::now();
                     let work = attempt(
@@ -71,8 +70,8 @@ pub(super) async fn run(
                         sent,
                         tx,
                     );
-                    let result = watchdog::guard(engine.config().stall, what, sent, tx, work).await;
-                    if let Err(e @ RegistryError::Stalled { .. }) = &result {
+                    let result = watchdog::guard(engine.config().stall, &req.digest, sent, tx, work).await;
+                    if let Err(e @ TransferError::Stalled { .. }) = &result {
                         // The watchdog dropped the attempt and its permits: tell the limits.
                         engine.note_failure(req.source.host(), req.destination.host(), started, e);
                     }
@@ -107,7 +106,7 @@ async fn attempt(
     session: &Mutex<Session>,
     sent: &Arc<AtomicU64>,
     tx: &Arc<watch::Sender<BlobState>>,
-) -> Result<BlobOutcome, RegistryError> {
+) -> Result<BlobOutcome, TransferError> {
     let mut session = session.lock().await;
     let dst = &req.destination;
     // A blind first attempt skips the question; a retry asks, since the last answer may have
@@ -115,7 +114,8 @@ async fn attempt(
     if !blind
         && dst
             .blob_size(&req.destination_repo, &req.digest)
-            .await?
+            .await
+            .map_err(|e| TransferError::destination(req, e))?
             .is_some()
     {
         // Someone else finished it, or our last attempt's answer was lost.
@@ -141,13 +141,14 @@ async fn move_bytes(
     session: &mut Session,
     sent: &Arc<AtomicU64>,
     tx: &Arc<watch::Sender<BlobState>>,
-) -> Result<BlobOutcome, RegistryError> {
+) -> Result<BlobOutcome, TransferError> {
     let Some(chunk) = chunk else {
         // Blind, nothing can make the source's bytes unneeded: ask for them while the session
         // opens, one round trip fewer per small blob.
         let (opened, source) = if blind {
             let source = req.source.get_blob(&req.source_repo, &req.digest, 0);
             let (opened, source) = tokio::join!(open_session(req, mount_from), source);
+            let source = source.map_err(|e| TransferError::source(req, e));
             (opened?, Some(source))
         } else {
             (open_session(req, mount_from).await?, None)
@@ -187,6 +188,15 @@ enum Opened {
 async fn open_session(
     req: &BlobRequest,
     mount_from: Option<&str>,
+) -> Result<Opened, TransferError> {
+    open_or_mount(req, mount_from)
+        .await
+        .map_err(|e| TransferError::destination(req, e))
+}
+
+async fn open_or_mount(
+    req: &BlobRequest,
+    mount_from: Option<&str>,
 ) -> Result<Opened, RegistryError> {
     let (dst, repo) = (&req.destination, req.destination_repo.as_str());
     let location = match mount_from {
@@ -207,10 +217,10 @@ async fn open_session(
 async fn put_whole(
     req: &BlobRequest,
     location: &str,
-    source: Option<Result<BlobStream, RegistryError>>,
+    source: Option<Result<BlobStream, TransferError>>,
     sent: &Arc<AtomicU64>,
     tx: &Arc<watch::Sender<BlobState>>,
-) -> Result<BlobOutcome, RegistryError> {
+) -> Result<BlobOutcome, TransferError> {
     let digest = req.digest.as_str();
     tx.send_replace(BlobState::Copying {
         done: 0,
@@ -218,7 +228,11 @@ async fn put_whole(
     });
     let source = match source {
         Some(source) => source?,
-        None => req.source.get_blob(&req.source_repo, digest, 0).await?,
+        None => req
+            .source
+            .get_blob(&req.source_repo, digest, 0)
+            .await
+            .map_err(|e| TransferError::source(req, e))?,
     };
     let failure = FailureSlot::default();
     let (counter, progress, total) = (sent.clone(), tx.clone(), req.size);
@@ -239,7 +253,9 @@ async fn put_whole(
             bytes_sent: sent.load(Ordering::Relaxed),
         }),
         // The verifier's finding explains the failed upload better than the upload's error.
-        Err(e) => Err(chunked::take(&failure).unwrap_or(e)),
+        Err(e) => {
+            Err(chunked::take(req, &failure).unwrap_or_else(|| TransferError::destination(req, e)))
+        }
     }
 }
 

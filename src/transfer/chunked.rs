@@ -24,7 +24,7 @@ use tokio::sync::{oneshot, watch};
 
 use super::blob::Session;
 use super::verify::FailureSlot;
-use super::{BlobOutcome, BlobRequest, BlobState};
+use super::{BlobOutcome, BlobRequest, BlobState, TransferError, error};
 use crate::registry::digest::Hasher;
 use crate::registry::{BlobStream, Registry, RegistryError};
 
@@ -32,8 +32,9 @@ use crate::registry::{BlobStream, Registry, RegistryError};
 const MAX_REOPENS: u32 = 3;
 
 /// The verifier's or source's own error, when it left one.
-pub(super) fn take(slot: &FailureSlot) -> Option<RegistryError> {
-    slot.lock().ok().and_then(|mut s| s.take())
+pub(super) fn take(req: &BlobRequest, slot: &FailureSlot) -> Option<TransferError> {
+    let e = slot.lock().ok().and_then(|mut s| s.take())?;
+    Some(TransferError::source(req, e))
 }
 
 /// Where the open session stands, asked of the registry: `Some(offset)` to continue from, or
@@ -41,7 +42,7 @@ pub(super) fn take(slot: &FailureSlot) -> Option<RegistryError> {
 pub(super) async fn resume_offset(
     req: &BlobRequest,
     session: &mut Session,
-) -> Result<Option<u64>, RegistryError> {
+) -> Result<Option<u64>, TransferError> {
     let Some(location) = session.location().map(str::to_string) else {
         return Ok(None);
     };
@@ -62,7 +63,7 @@ pub(super) async fn resume_offset(
             Ok(None)
         }
         // Could not ask: keep the session for the next attempt.
-        Err(e) if e.is_retryable() => Err(e),
+        Err(e) if e.is_retryable() => Err(TransferError::destination(req, e)),
         Err(e) => {
             tracing::debug!(digest = %req.digest, error = %e, "upload session cannot be resumed; starting a new one");
             session.cancel().await;
@@ -80,7 +81,7 @@ pub(super) async fn upload(
     chunk: u64,
     sent: &Arc<AtomicU64>,
     tx: &Arc<watch::Sender<BlobState>>,
-) -> Result<BlobOutcome, RegistryError> {
+) -> Result<BlobOutcome, TransferError> {
     let held = session.held();
     // Continue the hash of the last acknowledged chunk when the session holds at least that
     // much; the bytes past it that the session holds are read and hashed below, not sent.
@@ -89,10 +90,15 @@ pub(super) async fn upload(
     } else {
         Hasher::new()
     };
-    let mut source = Source::open(req, base).await?;
-    source.skip_to(offset).await?;
+    let from_source = |e| TransferError::source(req, e);
+    let mut source = Source::open(req, base).await.map_err(from_source)?;
+    source.skip_to(offset).await.map_err(from_source)?;
     let Some(mut location) = session.location().map(str::to_string) else {
-        return Err(internal(req, "no upload session is open"));
+        return Err(TransferError::UploadSessionLost {
+            digest: req.digest.clone(),
+            repo: error::destination(req),
+            detail: "no upload session is open".into(),
+        });
     };
     session.advance(location.clone(), source.hasher.clone());
     let total = req.size;
@@ -118,19 +124,24 @@ pub(super) async fn upload(
         {
             Ok(next) => {
                 // The registry took all `len` bytes, so the body handed the source back.
-                source = back
-                    .await
-                    .map_err(|_| internal(req, "a chunk was accepted before it was read"))?;
+                source = back.await.map_err(|_| TransferError::ChunkNotConsumed {
+                    digest: req.digest.clone(),
+                    repo: error::destination(req),
+                    offset: at,
+                })?;
                 at += len;
                 location = next;
                 session.advance(location.clone(), source.hasher.clone());
             }
             // The session keeps the last acknowledged chunk for the next attempt.
-            Err(e) => return Err(lost_session(req, session, take(&failure).unwrap_or(e)).await),
+            Err(e) => {
+                let e = take(req, &failure).unwrap_or_else(|| TransferError::destination(req, e));
+                return Err(lost_session(req, session, e).await);
+            }
         }
     }
-    if let Err(e) = source.finish().await {
-        if matches!(e, RegistryError::DigestMismatch { .. }) {
+    if let Err(e) = source.finish().await.map_err(from_source) {
+        if matches!(e, TransferError::DigestMismatch { .. }) {
             session.cancel().await;
         }
         return Err(e);
@@ -140,7 +151,7 @@ pub(super) async fn upload(
         .finish_upload(&req.destination_repo, &location, &req.digest)
         .await
     {
-        return Err(lost_session(req, session, e).await);
+        return Err(lost_session(req, session, TransferError::destination(req, e)).await);
     }
     session.close();
     Ok(BlobOutcome::Copied {
@@ -150,21 +161,19 @@ pub(super) async fn upload(
 
 /// A 404 on a session we hold means the session is gone (purged, or refused as stale), not the
 /// blob: drop it and make the error one the retry policy retries, in a new session.
-async fn lost_session(req: &BlobRequest, session: &mut Session, e: RegistryError) -> RegistryError {
-    if !matches!(e, RegistryError::NotFound { .. }) {
+async fn lost_session(req: &BlobRequest, session: &mut Session, e: TransferError) -> TransferError {
+    let TransferError::Destination {
+        source: source @ RegistryError::NotFound { .. },
+        ..
+    } = &e
+    else {
         return e;
-    }
+    };
     session.cancel().await;
-    RegistryError::Transport {
-        what: format!("blob {} (chunked upload)", req.digest),
-        detail: format!("the upload session was lost ({e}); starting a new one"),
-    }
-}
-
-fn internal(req: &BlobRequest, detail: &str) -> RegistryError {
-    RegistryError::Transport {
-        what: format!("blob {} (chunked upload)", req.digest),
-        detail: detail.to_string(),
+    TransferError::UploadSessionLost {
+        digest: req.digest.clone(),
+        repo: error::destination(req),
+        detail: source.to_string(),
     }
 }
 
@@ -204,7 +213,7 @@ impl Source {
         }
         match source.fetch(offset).await {
             Ok(stream) => source.stream = stream,
-            Err(RegistryError::Status { status: 200, .. }) => {
+            Err(RegistryError::RangeIgnored { .. }) => {
                 // The source ignores Range: read from the start and hash up to `offset` again.
                 source.hasher = Hasher::new();
                 source.stream = source.fetch(0).await?;

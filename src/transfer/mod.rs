@@ -9,6 +9,7 @@
 mod adaptive;
 mod blob;
 mod chunked;
+mod error;
 mod keyed_lock;
 mod permits;
 mod progress;
@@ -23,12 +24,13 @@ use std::sync::{Arc, Mutex, Weak};
 use tokio::sync::{Semaphore, watch};
 use tokio::task::AbortHandle;
 
-use crate::registry::{Registry, RegistryError};
+use crate::registry::Registry;
 use permits::Lane;
 
+pub use error::TransferError;
 pub use progress::{BlobOutcome, BlobProgress, BlobState, ProgressSink, no_progress};
 pub use ratelimit::{RateLimit, RateLimited};
-pub use retry::RetryPolicy;
+pub use retry::{RetryClass, RetryPolicy, Retryable};
 pub use verify::{FailureSlot, Verify};
 pub use watchdog::StallWatchdog;
 
@@ -347,7 +349,7 @@ impl Engine {
         &self,
         req: BlobRequest,
         progress: &ProgressSink,
-    ) -> Result<BlobOutcome, RegistryError> {
+    ) -> Result<BlobOutcome, TransferError> {
         let host = req.destination.host().to_string();
         let key: Key = (
             host.clone(),
@@ -397,7 +399,7 @@ impl Engine {
                 }
             }
         };
-        watch_until_done(&transfer, &report).await
+        watch_until_done(&transfer, &req.digest, &report).await
     }
 
     fn spawn(
@@ -416,7 +418,7 @@ impl Engine {
             if let Some(sib) = sibling {
                 // Same digest on its way into a sibling repository: wait, then mount from it.
                 let _ = tx.send(BlobState::Waiting);
-                if watch_until_done(&sib, &|_| {}).await.is_ok() {
+                if watch_until_done(&sib, &req.digest, &|_| {}).await.is_ok() {
                     mount_from = Some(sib.repo.clone());
                 }
             }
@@ -454,8 +456,9 @@ impl Engine {
 /// Forwards a transfer's states to `report` until it finishes.
 async fn watch_until_done(
     transfer: &Transfer,
+    digest: &str,
     report: &(dyn Fn(BlobState) + Sync),
-) -> Result<BlobOutcome, RegistryError> {
+) -> Result<BlobOutcome, TransferError> {
     let mut rx = transfer.state.clone();
     loop {
         let state = rx.borrow_and_update().clone();
@@ -469,9 +472,8 @@ async fn watch_until_done(
             if let BlobState::Finished(result) = last {
                 return result;
             }
-            return Err(RegistryError::Transport {
-                what: "blob transfer".into(),
-                detail: "cancelled".into(),
+            return Err(TransferError::Cancelled {
+                digest: digest.to_string(),
             });
         }
     }

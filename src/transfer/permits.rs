@@ -3,6 +3,7 @@
 
 use std::sync::Arc;
 
+use super::TransferError;
 use super::adaptive;
 use super::{BIG_UNITS, BlobOutcome, Engine, units};
 use crate::registry::RegistryError;
@@ -73,7 +74,7 @@ impl Engine {
         a: &str,
         b: &str,
         started: std::time::Instant,
-        err: &RegistryError,
+        err: &TransferError,
     ) {
         if !congestion(err) {
             return;
@@ -121,7 +122,7 @@ impl Permits {
     /// Releases the permits, telling each registry's limit how the attempt ended: push-back
     /// (429/503, a stall, a broken connection) counts against the registry the error names,
     /// or both when it names neither.
-    pub(super) fn finish(self, result: &Result<BlobOutcome, RegistryError>, bytes: u64) {
+    pub(super) fn finish(self, result: &Result<BlobOutcome, TransferError>, bytes: u64) {
         let blamed = match result {
             Err(e) if congestion(e) => {
                 let text = e.to_string();
@@ -147,11 +148,21 @@ impl Permits {
 }
 
 /// Errors that mean a registry is overloaded (or the path to it is): the adaptive limit backs off.
-pub(super) fn congestion(e: &RegistryError) -> bool {
+pub(super) fn congestion(e: &TransferError) -> bool {
     match e {
-        RegistryError::RateLimited { .. }
-        | RegistryError::Stalled { .. }
-        | RegistryError::Transport { .. } => true,
+        TransferError::Stalled { .. }
+        | TransferError::UploadSessionLost { .. }
+        | TransferError::ChunkNotConsumed { .. } => true,
+        TransferError::Source { source, .. } | TransferError::Destination { source, .. } => {
+            registry_congestion(source)
+        }
+        _ => false,
+    }
+}
+
+fn registry_congestion(e: &RegistryError) -> bool {
+    match e {
+        RegistryError::RateLimited { .. } | RegistryError::Transport { .. } => true,
         RegistryError::Status { status, .. } => matches!(status, 502..=504),
         _ => false,
     }

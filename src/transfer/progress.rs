@@ -5,7 +5,7 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::registry::RegistryError;
+use super::TransferError;
 
 /// How a blob came to be present at the destination.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -43,7 +43,7 @@ pub enum BlobState {
         reason: &'static str,
     },
     /// Finished: the blob is present, or the transfer failed for good.
-    Finished(Result<BlobOutcome, RegistryError>),
+    Finished(Result<BlobOutcome, TransferError>),
 }
 
 impl fmt::Display for BlobState {

@@ -40,9 +40,9 @@ impl Default for RetryPolicy {
     }
 }
 
-/// How the policy treats an error.
-#[derive(Debug, PartialEq, Eq)]
-enum Kind {
+/// How the retry policy treats an error.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RetryClass {
     /// `429`, `503`: wait and ask again, without counting an attempt.
     Throttled,
     /// The content lied: fetch it again, a bounded number of times.
@@ -53,14 +53,28 @@ enum Kind {
     Final,
 }
 
-fn kind(e: &RegistryError) -> Kind {
-    match e {
-        RegistryError::RateLimited { .. } | RegistryError::Status { status: 503, .. } => {
-            Kind::Throttled
+/// Errors the retry policy can classify.
+pub trait Retryable {
+    /// How the policy treats this error.
+    fn retry_class(&self) -> RetryClass;
+    /// How long the registry asked us to wait before the next attempt.
+    fn retry_after(&self) -> Option<Duration>;
+}
+
+impl Retryable for RegistryError {
+    fn retry_class(&self) -> RetryClass {
+        match self {
+            RegistryError::RateLimited { .. } | RegistryError::Status { status: 503, .. } => {
+                RetryClass::Throttled
+            }
+            RegistryError::DigestMismatch { .. } => RetryClass::Corrupt,
+            e if e.is_retryable() => RetryClass::Transient,
+            _ => RetryClass::Final,
         }
-        RegistryError::DigestMismatch { .. } => Kind::Corrupt,
-        e if e.is_retryable() => Kind::Transient,
-        _ => Kind::Final,
+    }
+
+    fn retry_after(&self) -> Option<Duration> {
+        RegistryError::retry_after(self)
     }
 }
 
@@ -86,14 +100,15 @@ impl RetryPolicy {
     /// attempt number (from 1; every try counts, so a first-attempt shortcut is taken once).
     /// `on_retry(attempt, delay, error)` is told before each wait; the wait holds nothing the
     /// caller does not hold across `op`.
-    pub async fn run<T, F, Fut>(
+    pub async fn run<T, E, F, Fut>(
         &self,
         mut op: F,
-        mut on_retry: impl FnMut(u32, Duration, &RegistryError),
-    ) -> Result<T, RegistryError>
+        mut on_retry: impl FnMut(u32, Duration, &E),
+    ) -> Result<T, E>
     where
+        E: Retryable + std::fmt::Display,
         F: FnMut(u32) -> Fut,
-        Fut: Future<Output = Result<T, RegistryError>>,
+        Fut: Future<Output = Result<T, E>>,
     {
         let started = tokio::time::Instant::now();
         let (mut tries, mut failures, mut throttled, mut refetches) = (1u32, 1u32, 0u32, 0u32);
@@ -102,8 +117,8 @@ impl RetryPolicy {
                 Ok(v) => return Ok(v),
                 Err(e) => e,
             };
-            let delay = match kind(&e) {
-                Kind::Throttled => {
+            let delay = match e.retry_class() {
+                RetryClass::Throttled => {
                     let left = self.throttle_deadline.saturating_sub(started.elapsed());
                     if left.is_zero() {
                         return Err(e);
@@ -111,12 +126,12 @@ impl RetryPolicy {
                     throttled = throttled.saturating_add(1);
                     self.delay(throttled, e.retry_after()).min(left)
                 }
-                Kind::Corrupt if refetches < self.digest_refetches => {
+                RetryClass::Corrupt if refetches < self.digest_refetches => {
                     refetches += 1;
                     tracing::warn!(error = %e, refetch = refetches, "content did not verify; fetching it again");
                     Duration::ZERO
                 }
-                Kind::Transient if failures < self.max_attempts.max(1) => {
+                RetryClass::Transient if failures < self.max_attempts.max(1) => {
                     let d = self.delay(failures, e.retry_after());
                     failures += 1;
                     d

@@ -10,8 +10,7 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 
-use super::BlobState;
-use crate::registry::RegistryError;
+use super::{BlobState, TransferError};
 
 /// When a transfer counts as stalled: fewer than `min_bytes` moved in the last `window`
 /// while it was copying.
@@ -36,16 +35,16 @@ impl Default for StallWatchdog {
 /// Samples per window: a stall is noticed at most a quarter window late.
 const SAMPLES: usize = 4;
 
-/// Runs `work`, failing it with [`RegistryError::Stalled`] when, while `state` says it is
+/// Runs `work`, failing it with [`TransferError::Stalled`] when, while `state` says it is
 /// copying, the `moved` counter grows by less than `config.min_bytes` over `config.window`.
 /// Time spent before the bytes start (waiting for a session, a HEAD) is not measured.
 pub(super) async fn guard<T>(
     config: Option<StallWatchdog>,
-    what: &str,
+    digest: &str,
     moved: &AtomicU64,
     state: &watch::Sender<BlobState>,
-    work: impl Future<Output = Result<T, RegistryError>>,
-) -> Result<T, RegistryError> {
+    work: impl Future<Output = Result<T, TransferError>>,
+) -> Result<T, TransferError> {
     let Some(config) = config.filter(|c| !c.window.is_zero()) else {
         return work.await;
     };
@@ -64,14 +63,11 @@ pub(super) async fn guard<T>(
                 let oldest = samples.pop_front().unwrap_or_default();
                 let newest = samples.back().copied().unwrap_or_default();
                 if newest.saturating_sub(oldest) < config.min_bytes {
-                    return RegistryError::Stalled {
-                        what: what.to_string(),
-                        detail: format!(
-                            "{} bytes moved in {:?}, fewer than the {} the stall watchdog asks for",
-                            newest.saturating_sub(oldest),
-                            config.window,
-                            config.min_bytes
-                        ),
+                    return TransferError::Stalled {
+                        digest: digest.to_string(),
+                        moved: newest.saturating_sub(oldest),
+                        window: config.window,
+                        min_bytes: config.min_bytes,
                     };
                 }
             }
@@ -105,11 +101,11 @@ mod tests {
             }
         };
         let start = tokio::time::Instant::now();
-        let err = guard::<()>(config(), "blob x", &moved, &tx, trickle)
+        let err = guard::<()>(config(), "sha256:x", &moved, &tx, trickle)
             .await
             .unwrap_err();
         assert_eq!(err.reason(), "Stalled");
-        assert!(err.to_string().contains("blob x"), "{err}");
+        assert!(err.to_string().contains("blob sha256:x"), "{err}");
         assert!(
             start.elapsed() <= Duration::from_secs(6),
             "{:?}",
@@ -124,7 +120,7 @@ mod tests {
             Ok(7)
         };
         assert_eq!(
-            guard(config(), "blob y", &moved, &tx, steady)
+            guard(config(), "sha256:y", &moved, &tx, steady)
                 .await
                 .unwrap(),
             7
@@ -140,7 +136,7 @@ mod tests {
             Ok(1)
         };
         assert_eq!(
-            guard(config(), "blob z", &moved, &tx, slow_start)
+            guard(config(), "sha256:z", &moved, &tx, slow_start)
                 .await
                 .unwrap(),
             1
