@@ -115,33 +115,13 @@ pub fn stalled(
 ) -> ImageMirrorStatus {
     let mut s = prev.clone();
     s.observed_generation = generation;
-    set_condition(
-        &mut s.conditions,
-        types::READY,
-        "False",
+    let not_ready = NotReady {
         reason,
         message,
-        generation,
-        now,
-    );
-    set_condition(
-        &mut s.conditions,
-        types::RECONCILING,
-        "False",
-        reason,
-        "",
-        generation,
-        now,
-    );
-    set_condition(
-        &mut s.conditions,
-        types::STALLED,
-        "True",
-        reason,
-        message,
-        generation,
-        now,
-    );
+        reconciling: false,
+        stalled: true,
+    };
+    not_ready.set(&mut s.conditions, generation, now);
     s
 }
 
@@ -158,18 +138,13 @@ pub fn retrying(
     let mut s = prev.clone();
     s.observed_generation = generation;
     s.next_sync_time = Some(Time(next));
-    let c = &mut s.conditions;
-    set_condition(c, types::READY, "False", reason, message, generation, now);
-    set_condition(
-        c,
-        types::RECONCILING,
-        "True",
+    let not_ready = NotReady {
         reason,
         message,
-        generation,
-        now,
-    );
-    clear_stalled(c, generation, now);
+        reconciling: true,
+        stalled: false,
+    };
+    not_ready.set(&mut s.conditions, generation, now);
     s
 }
 
@@ -299,13 +274,48 @@ fn set_not_ready(
     message: &str,
     now: Timestamp,
 ) {
-    let c = &mut s.conditions;
-    set_condition(c, types::READY, "False", reason, message, generation, now);
-    set_condition(c, types::RECONCILING, "False", reason, "", generation, now);
-    if reason == reasons::AUTH_FAILED {
-        set_condition(c, types::STALLED, "True", reason, message, generation, now);
-    } else {
-        clear_stalled(c, generation, now);
+    let not_ready = NotReady {
+        reason,
+        message,
+        reconciling: false,
+        stalled: reason == reasons::AUTH_FAILED,
+    };
+    not_ready.set(&mut s.conditions, generation, now);
+}
+
+/// The three conditions of a mirror that is not Ready, in one place.
+struct NotReady<'a> {
+    reason: &'a str,
+    message: &'a str,
+    /// Reconciling=True (still being retried; its message says why) or False.
+    reconciling: bool,
+    /// Stalled=True with `reason` and `message`, or Stalled=False.
+    stalled: bool,
+}
+
+impl NotReady<'_> {
+    fn set(&self, c: &mut Vec<Condition>, generation: Option<i64>, now: Timestamp) {
+        let (reason, message) = (self.reason, self.message);
+        set_condition(c, types::READY, "False", reason, message, generation, now);
+        let (reconciling, note) = if self.reconciling {
+            ("True", message)
+        } else {
+            ("False", "")
+        };
+        set_condition(
+            c,
+            types::RECONCILING,
+            reconciling,
+            reason,
+            note,
+            generation,
+            now,
+        );
+        if self.stalled {
+            set_condition(c, types::STALLED, "True", reason, message, generation, now);
+        } else {
+            clear_stalled(c, generation, now);
+        }
     }
 }
 

@@ -11,7 +11,7 @@ use imagemirror::api::ImageMirror;
 use imagemirror::controller::LeaderElection;
 
 use crate::support::controller::{
-    Fixture, Running, cond, config, free_port, observed, ready, wait_event,
+    Fixture, Running, cond, config, free_port, message, observed, ready, wait_event,
 };
 use crate::support::kube_api::{TestCluster, helpers};
 use crate::support::{Flavor, RegistryConfig, Seeder, TestRegistry};
@@ -146,7 +146,7 @@ async fn a_mirror_becomes_ready_with_digests_then_follows_spec_changes_and_suspe
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_missing_secret_stalls_and_creating_it_makes_the_mirror_ready() {
+async fn secrets_missing_or_invalid_and_refused_passwords_stall_with_their_reason_and_event() {
     let src = TestRegistry::start();
     let dst = TestRegistry::start_with(RegistryConfig {
         htpasswd: Some(("robot".into(), "pa55-word".into())),
@@ -172,25 +172,41 @@ async fn a_missing_secret_stalls_and_creating_it_makes_the_mirror_ready() {
         cond(&stalled, "Ready"),
         Some(("False".into(), "SecretNotFound".into()))
     );
-    let message = &stalled.status.as_ref().unwrap().conditions[0].message;
+    let msg = message(&stalled, "Ready");
     assert!(
-        message.contains("dst-creds"),
-        "the condition must name the Secret: {message}"
+        msg.contains("dst-creds"),
+        "the condition must name the Secret: {msg}"
     );
     let generation = stalled.metadata.generation;
-    let (t, note) = wait_event(&cluster.client(), &ns, "app", "SecretNotFound", WAIT).await;
+    let client = cluster.client();
+    let (t, note) = wait_event(&client, &ns, "app", "SecretNotFound", WAIT).await;
     assert_eq!(t, "Warning");
     assert!(note.contains("dst-creds"), "{note}");
 
-    helpers::create_registry_secret(
-        &cluster.client(),
-        &ns,
-        "dst-creds",
-        dst.host(),
-        "robot",
-        "pa55-word",
-    )
-    .await;
+    // The Secret appears, but with credentials for another registry only.
+    let creds = |registry: &str, password: &str| {
+        let (client, ns) = (client.clone(), ns.clone());
+        let registry = registry.to_string();
+        let password = password.to_string();
+        async move {
+            helpers::apply_registry_secret(&client, &ns, "dst-creds", &registry, "robot", &password)
+                .await
+        }
+    };
+    creds("elsewhere.example:5000", "pa55-word").await;
+    let invalid = cluster
+        .wait_for(&ns, "app", WAIT, |m| {
+            cond(m, "Stalled") == Some(("True".into(), "SecretInvalid".into()))
+        })
+        .await;
+    let want = format!("no credentials for registry {}", dst.host());
+    assert!(message(&invalid, "Ready").contains(&want), "{invalid:?}");
+    let (t, note) = wait_event(&client, &ns, "app", "SecretInvalid", WAIT).await;
+    assert_eq!(t, "Warning");
+    assert!(note.contains("dst-creds") && note.contains(&want), "{note}");
+    assert!(!note.contains("pa55-word"), "the Event shows the password");
+
+    creds(dst.host(), "pa55-word").await;
     let m = cluster.wait_for(&ns, "app", WAIT, ready).await;
     assert_eq!(
         m.metadata.generation, generation,
@@ -205,6 +221,36 @@ async fn a_missing_secret_stalls_and_creating_it_makes_the_mirror_ready() {
     assert!(
         !shown.contains("pa55-word"),
         "the password leaked into the object"
+    );
+
+    // A mirror whose source (the htpasswd registry, read with a tag list) refuses its
+    // password: Stalled AuthFailed, and a Warning Event with that reason.
+    helpers::apply_registry_secret(&client, &ns, "wrong", dst.host(), "robot", "not-the-one").await;
+    Fixture::new(
+        &ns,
+        "refused",
+        &format!("{}/app", dst.host()),
+        &format!("{}/back", src.host()),
+    )
+    .source_secret("wrong")
+    .with(|s| s.tags.include = vec!["^v1$".into()])
+    .apply(&client)
+    .await;
+    let refused = cluster
+        .wait_for(&ns, "refused", WAIT, |m| {
+            observed(m) && cond(m, "Stalled") == Some(("True".into(), "AuthFailed".into()))
+        })
+        .await;
+    assert_eq!(
+        cond(&refused, "Ready"),
+        Some(("False".into(), "AuthFailed".into()))
+    );
+    let (t, note) = wait_event(&client, &ns, "refused", "AuthFailed", WAIT).await;
+    assert_eq!(t, "Warning");
+    assert!(note.contains(dst.host()), "{note}");
+    assert!(
+        !note.contains("not-the-one"),
+        "the Event shows the password"
     );
     running.stop().await;
     cluster.delete_namespace(&ns).await;

@@ -207,7 +207,7 @@ async fn a_thousand_large_secrets_cost_the_controller_no_memory() {
         .map(|i| {
             let (client, value) = (client.clone(), value.clone());
             async move {
-                helpers::create_secret(
+                helpers::apply_secret(
                     &client,
                     "many",
                     &format!("s{i}"),

@@ -51,7 +51,7 @@ async fn an_unreadable_secret_is_on_status_and_an_event_until_the_api_answers() 
     let client = api.client();
     let ns = "secrets";
     helpers::create_namespace(&client, ns).await;
-    helpers::create_registry_secret(&client, ns, "dst-creds", dst.host(), "robot", "pa55-word")
+    helpers::apply_registry_secret(&client, ns, "dst-creds", dst.host(), "robot", "pa55-word")
         .await;
     // An administrator narrowed the controller's Secret RBAC: GET answers 403 (twice).
     api.fail(FailRule::new(403).resource("secrets").verb("get").times(2));

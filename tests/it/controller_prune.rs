@@ -1,70 +1,31 @@
 //! End-to-end pruning by the real controller (API double or a real cluster) and two real
 //! registries: the record survives a controller restart, prune: false keeps tags, status and
-//! the `Pruned` Event name what went.
+//! the `Pruned` / `PruneWarning` Events name what went and what stayed.
 
-use std::collections::BTreeSet;
 use std::time::Duration;
 
-use k8s_openapi::api::events::v1::Event as K8sEvent;
 use kube::ResourceExt;
-use kube::api::{Api, ListParams};
-use tokio::sync::oneshot;
+use kube::api::Api;
 
 use imagemirror::api::{ImageMirror, TagState};
-use imagemirror::controller::{ControllerConfig, ControllerError};
 
+use crate::support::controller::{Fixture, Running, config, events, wait_event};
 use crate::support::kube_api::TestCluster;
-use crate::support::{Flavor, Seeder, TestRegistry};
+use crate::support::{Flavor, Seeder, TestRegistry, set, tag_set};
 
 const WAIT: Duration = Duration::from_secs(90);
 const RECORD: &str = "imagemirror.dev/prune-record";
 
-/// The controller, running in this process until stopped.
-struct Running {
-    stop: Option<oneshot::Sender<()>>,
-    task: tokio::task::JoinHandle<Result<(), ControllerError>>,
-}
-
-impl Running {
-    fn start(cluster: &TestCluster, ns: &str) -> Self {
-        let (tx, rx) = oneshot::channel();
-        let config = ControllerConfig {
-            namespaces: vec![ns.to_string()],
-            ..ControllerConfig::default()
-        };
-        let task = tokio::spawn(imagemirror::controller::run(
-            cluster.client(),
-            config,
-            async move {
-                let _ = rx.await;
-            },
-        ));
-        Running {
-            stop: Some(tx),
-            task,
-        }
-    }
-
-    async fn stop(mut self) {
-        if let Some(tx) = self.stop.take() {
-            let _ = tx.send(());
-        }
-        let result = tokio::time::timeout(Duration::from_secs(30), &mut self.task).await;
-        assert!(matches!(result, Ok(Ok(Ok(())))), "stop: {result:?}");
-    }
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
-fn yaml(ns: &str, src: &str, dst: &str, prune: bool, names: &[&str]) -> String {
-    format!(
-        "apiVersion: imagemirror.dev/v1alpha1\nkind: ImageMirror\nmetadata:\n  name: app\n  namespace: {ns}\nspec:\n  source:\n    repository: {src}/app\n    plainHTTP: true\n  destination:\n    repository: {dst}/mirror/app\n    plainHTTP: true\n  prune: {prune}\n  tags:\n    names: [{}]\n",
-        names.join(", ")
+/// `app`: `src/app` to `dst/mirror/app`, selecting `names`, with `prune`.
+fn app(ns: &str, src: &str, dst: &str, prune: bool, names: &[&str]) -> Fixture {
+    Fixture::new(
+        ns,
+        "app",
+        &format!("{src}/app"),
+        &format!("{dst}/mirror/app"),
     )
+    .tags(names)
+    .with(|s| s.prune = prune)
 }
 
 /// This generation's sync has finished (Reconciling=False) and `extra` holds.
@@ -84,100 +45,88 @@ fn pruned(m: &ImageMirror) -> Option<u32> {
     m.status.as_ref()?.prune.as_ref().map(|p| p.pruned)
 }
 
-async fn tags(host: &str) -> BTreeSet<String> {
-    let v: serde_json::Value = reqwest::get(format!("http://{host}/v2/mirror/app/tags/list"))
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    v["tags"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .map(|t| t.as_str().unwrap().to_string())
-        .collect()
-}
-
-fn set(names: &[&str]) -> BTreeSet<String> {
-    names.iter().map(|s| s.to_string()).collect()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_controller_prunes_what_it_wrote_across_a_restart() {
     let (src, dst) = (TestRegistry::start(), TestRegistry::start());
     let s = Seeder::new(src.host());
-    for (i, t) in ["a", "b", "c"].iter().enumerate() {
+    for (i, t) in ["a", "b", "c", "d"].iter().enumerate() {
         s.push_image("app", Some(t), 60 + i as u64, &[1000], Flavor::Oci)
             .await;
     }
     let cluster = TestCluster::start().await;
+    let client = cluster.client();
     let ns = cluster.fresh_namespace("prune").await;
     let (sh, dh) = (src.host(), dst.host());
 
-    let running = Running::start(&cluster, &ns);
-    cluster
-        .apply_imagemirror(&yaml(&ns, sh, dh, true, &["a", "b", "c"]))
+    let running = Running::start(client.clone(), config(&ns));
+    app(&ns, sh, dh, true, &["a", "b", "c", "d"])
+        .apply(&client)
         .await;
     let m = cluster
         .wait_for(&ns, "app", WAIT, |m| synced(m, |m| pruned(m) == Some(0)))
         .await;
-    assert_eq!(m.status.unwrap().prune.unwrap().recorded, 3);
-    assert_eq!(tags(dh).await, set(&["a", "b", "c"]));
+    assert_eq!(m.status.unwrap().prune.unwrap().recorded, 4);
+    assert_eq!(tag_set(dh, "mirror/app").await, set(&["a", "b", "c", "d"]));
     // The record is in the object itself, so a new controller process knows it.
     let m = cluster
         .wait_for(&ns, "app", WAIT, |m| {
             m.annotations()
                 .get(RECORD)
-                .is_some_and(|r| r.contains("\"c\""))
+                .is_some_and(|r| r.contains("\"d\""))
         })
         .await;
     assert!(m.annotations()[RECORD].contains(&format!("{dh}/mirror/app")));
     running.stop().await;
 
-    let running = Running::start(&cluster, &ns);
-    cluster
-        .apply_imagemirror(&yaml(&ns, sh, dh, true, &["a", "b"]))
+    // Someone else overwrites `d` in the destination: it is no longer what the mirror wrote.
+    Seeder::new(dh)
+        .push_image("mirror/app", Some("d"), 99, &[1000], Flavor::Oci)
         .await;
+    let running = Running::start(client.clone(), config(&ns));
+    app(&ns, sh, dh, true, &["a", "b"]).apply(&client).await;
     let m = cluster
         .wait_for(&ns, "app", WAIT, |m| synced(m, |m| pruned(m) == Some(1)))
         .await;
-    assert_eq!(tags(dh).await, set(&["a", "b"]));
+    assert_eq!(tag_set(dh, "mirror/app").await, set(&["a", "b", "d"]));
     let status = m.status.unwrap();
     let c = status.tags.iter().find(|t| t.name == "c").unwrap();
     assert_eq!(c.state, TagState::Pruned);
+    let d = status.tags.iter().find(|t| t.name == "d").unwrap();
+    assert_eq!(
+        (d.state, d.reason.as_deref()),
+        (TagState::Retained, Some("ChangedElsewhere"))
+    );
     assert_eq!(status.summary.unwrap().ratio, "2/2");
-    let events: Api<K8sEvent> = Api::namespaced(cluster.client(), &ns);
-    let list = events
-        .list(&ListParams::default().fields("regarding.name=app"))
+    let notes: Vec<String> = events(&client, &ns, "app")
         .await
-        .unwrap();
-    let notes: Vec<String> = list
-        .items
-        .iter()
-        .filter(|e| e.reason.as_deref() == Some("Pruned"))
-        .filter_map(|e| e.note.clone())
+        .into_iter()
+        .filter(|(_, reason, _)| reason == "Pruned")
+        .map(|(_, _, note)| note)
         .collect();
     assert_eq!(notes.len(), 1, "{notes:?}");
     assert!(
         notes[0].contains("c") && notes[0].contains("1 tag"),
         "{notes:?}"
     );
+    let (t, note) = wait_event(&client, &ns, "app", "PruneWarning", WAIT).await;
+    assert_eq!(t, "Warning");
+    assert!(
+        note.contains("d:") && note.contains("ChangedElsewhere"),
+        "{note}"
+    );
 
     // prune: false keeps a deselected tag, and says nothing about pruning.
-    cluster
-        .apply_imagemirror(&yaml(&ns, sh, dh, false, &["a"]))
-        .await;
+    app(&ns, sh, dh, false, &["a"]).apply(&client).await;
     cluster
         .wait_for(&ns, "app", WAIT, |m| synced(m, |m| pruned(m).is_none()))
         .await;
-    assert_eq!(tags(dh).await, set(&["a", "b"]));
+    assert_eq!(tag_set(dh, "mirror/app").await, set(&["a", "b", "d"]));
 
     // Deleting the ImageMirror deletes no image.
-    Api::<ImageMirror>::namespaced(cluster.client(), &ns)
+    Api::<ImageMirror>::namespaced(client.clone(), &ns)
         .delete("app", &Default::default())
         .await
         .unwrap();
     running.stop().await;
-    assert_eq!(tags(dh).await, set(&["a", "b"]));
+    assert_eq!(tag_set(dh, "mirror/app").await, set(&["a", "b", "d"]));
 }

@@ -118,56 +118,41 @@ async fn an_export_killed_mid_blob_leaves_a_valid_layout_and_the_rerun_writes_on
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_controller_stalls_on_a_layout_naming_the_field() {
+    use crate::support::controller::{Fixture, Running, cond, config, message, wait_event};
     use crate::support::kube_api::TestCluster;
-    use imagemirror::controller::ControllerConfig;
+    const WAIT: std::time::Duration = std::time::Duration::from_secs(60);
     let src = TestRegistry::start();
     let tmp = tempfile::tempdir().unwrap();
     let layout = tmp.path().join("layout");
     let cluster = TestCluster::start().await;
     let ns = cluster.fresh_namespace("im").await;
-    let config = ControllerConfig {
-        namespaces: vec![ns.clone()],
-        ..ControllerConfig::default()
-    };
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let task = tokio::spawn(imagemirror::controller::run(
-        cluster.client(),
-        config,
-        async move {
-            let _ = stopped.await;
-        },
-    ));
-    let yaml = format!(
-        "apiVersion: imagemirror.dev/v1alpha1\nkind: ImageMirror\nmetadata:\n  name: export\n  namespace: {ns}\nspec:\n  source:\n{}  destination:\n{}{}",
-        plain(src.host(), "app"),
-        local(&format!("oci:{}", layout.display())),
-        tags(&["v1"]),
-    );
-    cluster.apply_imagemirror(&yaml).await;
+    let running = Running::start(cluster.client(), config(&ns));
+    let destination = format!("oci:{}", layout.display());
+    Fixture::new(&ns, "export", &format!("{}/app", src.host()), &destination)
+        .tags(&["v1"])
+        .with(|s| s.destination.plain_http = false)
+        .apply(&cluster.client())
+        .await;
     let stalled = cluster
-        .wait_for(&ns, "export", std::time::Duration::from_secs(60), |m| {
-            m.status.as_ref().is_some_and(|s| {
-                s.conditions
-                    .iter()
-                    .any(|c| c.type_ == "Stalled" && c.status == "True")
-            })
+        .wait_for(&ns, "export", WAIT, |m| {
+            cond(m, "Stalled").is_some_and(|(s, _)| s == "True")
         })
         .await;
-    let status = stalled.status.unwrap();
-    let c = status
-        .conditions
-        .iter()
-        .find(|c| c.type_ == "Stalled")
-        .unwrap();
-    assert_eq!(c.reason, "UnsupportedTransport");
-    assert!(
-        c.message.contains("spec.destination.repository"),
-        "{}",
-        c.message
-    );
+    assert_eq!(cond(&stalled, "Stalled").unwrap().1, "UnsupportedTransport");
+    let msg = message(&stalled, "Stalled");
+    assert!(msg.contains("spec.destination.repository"), "{msg}");
+    let (t, note) = wait_event(
+        &cluster.client(),
+        &ns,
+        "export",
+        "UnsupportedTransport",
+        WAIT,
+    )
+    .await;
+    assert_eq!(t, "Warning");
+    assert!(note.contains("spec.destination.repository"), "{note}");
     assert!(!layout.exists(), "the controller touched the local disk");
-    let _ = stop.send(());
-    let _ = tokio::time::timeout(std::time::Duration::from_secs(30), task).await;
+    running.stop().await;
     cluster.delete_namespace(&ns).await;
 }
 

@@ -4,7 +4,9 @@
 use std::collections::BTreeSet;
 use std::path::Path;
 
-use crate::support::{Flavor, RegistryConfig, Seeder, TestRegistry, mirror_doc, run_cli};
+use crate::support::{
+    Flavor, RegistryConfig, Seeder, TestRegistry, mirror_doc, run_cli, set, tag_set,
+};
 
 /// Writes `doc` to `dir/mirrors.yaml` (the same file every time, so the default state file
 /// beside it carries over) and runs `imagemirror mirror -f` on it with `--output json`.
@@ -31,24 +33,6 @@ fn items(rows: &[serde_json::Value], state: &str) -> BTreeSet<String> {
         .filter(|r| r["state"] == state)
         .map(|r| r["item"].as_str().unwrap().to_string())
         .collect()
-}
-
-/// The tags of `repo` at `host`, sorted.
-async fn tags(host: &str, repo: &str) -> BTreeSet<String> {
-    let v: serde_json::Value = reqwest::get(format!("http://{host}/v2/{repo}/tags/list"))
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    v["tags"]
-        .as_array()
-        .map(|a| a.iter().map(|t| t.as_str().unwrap().to_string()).collect())
-        .unwrap_or_default()
-}
-
-fn set(names: &[&str]) -> BTreeSet<String> {
-    names.iter().map(|s| s.to_string()).collect()
 }
 
 fn doc(src: &TestRegistry, dst: &TestRegistry, spec: &str) -> String {
@@ -91,7 +75,7 @@ async fn latest_two_moves_on_and_what_others_pushed_stays() {
     assert_eq!(code, 0, "{rows:?}\n{stderr}");
     assert_eq!(items(&rows, "Pruned"), set(&["1.2"]), "{rows:?}");
     assert_eq!(
-        tags(dst.host(), "mirror/app").await,
+        tag_set(dst.host(), "mirror/app").await,
         set(&["1.3", "1.4", "1.5", "theirs"])
     );
     // A third run has nothing left to prune and deletes nothing.
@@ -128,14 +112,14 @@ async fn a_deselected_name_goes_with_prune_true_and_stays_with_prune_false() {
     let (code, rows, _) = run(dir.path(), &doc(&src, &dst, kept), &[]);
     assert_eq!(code, 0);
     assert!(items(&rows, "Pruned").is_empty(), "{rows:?}");
-    assert_eq!(tags(dst.host(), "mirror/app").await, set(&["a", "b"]));
+    assert_eq!(tag_set(dst.host(), "mirror/app").await, set(&["a", "b"]));
 
     // prune: true deletes it: the record from the first run still knows it wrote b.
     let pruned = "  prune: true\n  tags:\n    names: [a]\n";
     let (code, rows, _) = run(dir.path(), &doc(&src, &dst, pruned), &[]);
     assert_eq!(code, 0);
     assert_eq!(items(&rows, "Pruned"), set(&["b"]), "{rows:?}");
-    assert_eq!(tags(dst.host(), "mirror/app").await, set(&["a"]));
+    assert_eq!(tag_set(dst.host(), "mirror/app").await, set(&["a"]));
     let state = std::fs::read_to_string(dir.path().join("mirrors.prune-state.json")).unwrap();
     assert!(
         state.contains("\"a\"") && !state.contains("\"b\""),
@@ -182,7 +166,10 @@ async fn two_tags_at_one_digest_one_deselected_the_other_still_resolves() {
     );
     let d = Seeder::new(dst.host());
     d.assert_copy_of("mirror/app", "1.0", &img).await;
-    assert_eq!(tags(dst.host(), "mirror/app").await, set(&["1.0", "1.0.0"]));
+    assert_eq!(
+        tag_set(dst.host(), "mirror/app").await,
+        set(&["1.0", "1.0.0"])
+    );
     assert!(
         !dst.requests()
             .iter()
@@ -210,7 +197,7 @@ async fn a_sync_with_a_failing_tag_prunes_nothing() {
     let note: Vec<_> = rows.iter().filter(|r| r["state"] == "NotPruned").collect();
     assert_eq!(note.len(), 1, "{rows:?}");
     assert!(note[0]["message"].as_str().unwrap().contains("failed"));
-    assert_eq!(tags(dst.host(), "mirror/app").await, set(&["a", "b"]));
+    assert_eq!(tag_set(dst.host(), "mirror/app").await, set(&["a", "b"]));
     assert!(!dst.requests().iter().any(|r| r.starts_with("DELETE")));
     // Once the selection is whole again, b goes.
     let spec = "  prune: true\n  tags:\n    names: [a]\n";
@@ -245,14 +232,17 @@ async fn dry_run_lists_exactly_what_the_next_run_deletes() {
     assert_eq!(items(&rows, "Retained"), set(&["3"]), "{rows:?}");
     // The dry run deleted nothing (the probes ask about objects that do not exist).
     assert_eq!(
-        tags(dst.host(), "mirror/app").await,
+        tag_set(dst.host(), "mirror/app").await,
         set(&["1", "2", "3", "3b", "4"])
     );
     let (code, rows, _) = run(dir.path(), &doc(&src, &dst, fewer), &["--prune"]);
     assert_eq!(code, 0);
     assert_eq!(items(&rows, "Pruned"), would);
     assert_eq!(items(&rows, "Retained"), set(&["3"]));
-    assert_eq!(tags(dst.host(), "mirror/app").await, set(&["3", "3b", "4"]));
+    assert_eq!(
+        tag_set(dst.host(), "mirror/app").await,
+        set(&["3", "3b", "4"])
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -284,5 +274,5 @@ async fn a_registry_refusing_deletes_is_a_warning_not_a_failure() {
             .contains("refuses deletes"),
         "{note:?}"
     );
-    assert_eq!(tags(dst.host(), "mirror/app").await, set(&["a", "b"]));
+    assert_eq!(tag_set(dst.host(), "mirror/app").await, set(&["a", "b"]));
 }

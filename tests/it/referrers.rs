@@ -10,7 +10,7 @@ use std::sync::atomic::Ordering;
 
 use crate::support::image::Pushed;
 use crate::support::proxy::FaultProxy;
-use crate::support::{Flavor, Seeder, TestRegistry, mirror_cli, mirror_doc};
+use crate::support::{Flavor, Seeder, TestRegistry, mirror_cli, mirror_doc, set, tag_set};
 
 /// An image with everything real tools attach to it.
 struct Attached {
@@ -234,20 +234,6 @@ async fn a_foreign_referrer_in_the_destination_index_is_kept() {
         .await;
 }
 
-/// The tags of `repo`, asked of the registry directly.
-async fn tags(host: &str, repo: &str) -> Vec<String> {
-    let list: serde_json::Value = reqwest::get(format!("http://{host}/v2/{repo}/tags/list"))
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    list["tags"]
-        .as_array()
-        .map(|t| t.iter().map(|t| t.as_str().unwrap().to_string()).collect())
-        .unwrap_or_default()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_referrers_api_is_used_where_served_as_emulated_by_the_proxy() {
     // No registry serving the referrers API can be installed here: the proxies EMULATE it in
@@ -273,7 +259,7 @@ async fn the_referrers_api_is_used_where_served_as_emulated_by_the_proxy() {
     let attestation = attach(&s, "app", &image, IN_TOTO, br#"{"_type":"in-toto"}"#).await;
     let sbom_sig = attach(&s, "app", &sbom.pushed, NOTATION, b"notation signature").await;
     // Only the API knows them: the source has no fallback tags.
-    assert!(tags(src.host(), "app").await.iter().all(|t| t == "v1"));
+    assert!(tag_set(src.host(), "app").await.iter().all(|t| t == "v1"));
 
     let dir = tempfile::tempdir().unwrap();
     let rows = mirror_json(dir.path(), &doc(sp.host(), dp.host(), ALL));
@@ -300,7 +286,7 @@ async fn the_referrers_api_is_used_where_served_as_emulated_by_the_proxy() {
     );
     // The destination answered OCI-Subject: no fallback tag was written there, and the source
     // was asked through the API, never for a fallback tag.
-    assert_eq!(tags(dst.host(), "app").await, ["v1"]);
+    assert_eq!(tag_set(dst.host(), "app").await, set(&["v1"]));
     assert!(
         !src.requests()
             .iter()
@@ -443,9 +429,9 @@ async fn with_platforms_filtered_the_kept_children_keep_their_signatures_and_the
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_controller_reports_referrer_counts_and_referrer_failures_on_status() {
+    use crate::support::controller::{Fixture, Running, config};
     use crate::support::kube_api::TestCluster;
     use imagemirror::api::TagState;
-    use imagemirror::controller::ControllerConfig;
 
     let (src, dst) = (TestRegistry::start(), TestRegistry::start());
     seed_attached(src.host(), "app").await;
@@ -469,29 +455,17 @@ async fn the_controller_reports_referrer_counts_and_referrer_failures_on_status(
 
     let cluster = TestCluster::start().await;
     let ns = cluster.fresh_namespace("refs").await;
-    let config = ControllerConfig {
-        namespaces: vec![ns.clone()],
-        ..ControllerConfig::default()
-    };
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let controller = tokio::spawn(imagemirror::controller::run(
-        cluster.client(),
-        config,
-        async move {
-            let _ = stopped.await;
-        },
-    ));
+    let running = Running::start(cluster.client(), config(&ns));
     for repo in ["app", "broken"] {
-        let yaml = mirror_doc(
-            repo,
-            src.host(),
-            repo,
-            dst.host(),
-            repo,
-            &format!("  tags:\n    names: [v1]\n{ALL}"),
-        )
-        .replace("namespace: test", &format!("namespace: {ns}"));
-        cluster.apply_imagemirror(&yaml).await;
+        let (from, to) = (
+            format!("{}/{repo}", src.host()),
+            format!("{}/{repo}", dst.host()),
+        );
+        Fixture::new(&ns, repo, &from, &to)
+            .tags(&["v1"])
+            .with(|s| s.referrers.enabled = true)
+            .apply(&cluster.client())
+            .await;
     }
     let wait = std::time::Duration::from_secs(90);
     let synced = |m: &imagemirror::api::ImageMirror| {
@@ -513,6 +487,6 @@ async fn the_controller_reports_referrer_counts_and_referrer_failures_on_status(
         message.contains(&gone.pushed.digest) && message.contains(SPDX),
         "{message}"
     );
-    let _ = stop.send(());
-    let _ = tokio::time::timeout(std::time::Duration::from_secs(30), controller).await;
+    running.stop().await;
+    cluster.delete_namespace(&ns).await;
 }

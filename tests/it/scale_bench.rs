@@ -182,7 +182,7 @@ async fn scale_benchmark() {
     let api = ApiServer::builder().history_limit(1_000_000).start().await;
     let client = api.client();
     helpers::create_namespace(&client, NS).await;
-    helpers::create_registry_secret(&client, NS, "dst-creds", dst.host(), "bench", "one").await;
+    helpers::apply_registry_secret(&client, NS, "dst-creds", dst.host(), "bench", "one").await;
     let dir = tempfile::tempdir().unwrap();
     let kubeconfig = api.kubeconfig(dir.path());
     let extra = std::env::var("IMAGEMIRROR_SCALE_ARGS").unwrap_or_default();

@@ -100,6 +100,18 @@ impl Fixture {
         self
     }
 
+    /// Sets `spec.source.credentialsSecret`.
+    pub fn source_secret(mut self, name: &str) -> Self {
+        self.mirror.spec.source.credentials_secret = Some(name.into());
+        self
+    }
+
+    /// Any other change to the spec, on the typed struct.
+    pub fn with(mut self, change: impl FnOnce(&mut ImageMirrorSpec)) -> Self {
+        change(&mut self.mirror.spec);
+        self
+    }
+
     /// The object as JSON, without status (what a user applies).
     pub fn json(&self) -> Value {
         let mut v = serde_json::to_value(&self.mirror).expect("an ImageMirror serialises");

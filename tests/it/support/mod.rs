@@ -13,6 +13,7 @@ pub mod registry;
 pub mod tls;
 pub mod token;
 
+use std::collections::BTreeSet;
 use std::path::Path;
 use std::process::Output;
 
@@ -131,4 +132,25 @@ pub async fn apps_sharing_a_base(src: &str, dst: &str, n: u64, base: &[u8]) -> S
         ));
     }
     out
+}
+
+/// The tags of `repo` at `host` (plain HTTP, anonymous), asked of the registry directly.
+pub async fn tag_set(host: &str, repo: &str) -> BTreeSet<String> {
+    let v: serde_json::Value = reqwest::get(format!("http://{host}/v2/{repo}/tags/list"))
+        .await
+        .expect("GET the tag list")
+        .json()
+        .await
+        .expect("a JSON tag list");
+    v["tags"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|t| t.as_str().map(String::from))
+        .collect()
+}
+
+/// `names` as a set, to compare with [`tag_set`].
+pub fn set(names: &[&str]) -> BTreeSet<String> {
+    names.iter().map(|s| s.to_string()).collect()
 }

@@ -42,8 +42,10 @@ pub mod helpers {
         }
     }
 
-    /// Creates a Secret of `type_` with the given string data (stored base64 in `data`).
-    pub async fn create_secret(
+    /// Creates a Secret of `type_` with the given string data (stored base64 in `data`), or
+    /// replaces the data of an existing one: server-side apply with [`TEST_MANAGER`], as
+    /// `kubectl apply --server-side` would.
+    pub async fn apply_secret(
         client: &Client,
         ns: &str,
         name: &str,
@@ -59,18 +61,22 @@ pub mod helpers {
                 )
             })
             .collect();
-        let secret: Secret = serde_json::from_value(json!({
+        let secret = json!({
+            "apiVersion": "v1", "kind": "Secret",
             "metadata": {"name": name, "namespace": ns}, "type": type_, "data": data,
-        }))
-        .expect("a Secret");
+        });
         Api::<Secret>::namespaced(client.clone(), ns)
-            .create(&PostParams::default(), &secret)
+            .patch(
+                name,
+                &PatchParams::apply(TEST_MANAGER).force(),
+                &Patch::Apply(&secret),
+            )
             .await
-            .unwrap_or_else(|e| panic!("create secret {ns}/{name}: {e}"))
+            .unwrap_or_else(|e| panic!("apply secret {ns}/{name}: {e}"))
     }
 
-    /// Creates a `kubernetes.io/dockerconfigjson` Secret with credentials for `registry`.
-    pub async fn create_registry_secret(
+    /// Applies a `kubernetes.io/dockerconfigjson` Secret with credentials for `registry`.
+    pub async fn apply_registry_secret(
         client: &Client,
         ns: &str,
         name: &str,
@@ -81,7 +87,7 @@ pub mod helpers {
         let auth = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"));
         let config =
             json!({"auths": {registry: {"username": user, "password": password, "auth": auth}}});
-        create_secret(
+        apply_secret(
             client,
             ns,
             name,
