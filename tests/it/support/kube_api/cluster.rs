@@ -239,10 +239,6 @@ impl TestCluster {
         let _ = api.delete(name, &Default::default()).await;
     }
 
-    pub async fn create_namespace(&self, name: &str) {
-        helpers::create_namespace(&self.client(), name).await
-    }
-
     pub async fn apply_imagemirror(&self, yaml: &str) -> ImageMirror {
         helpers::apply_imagemirror(&self.client(), yaml).await
     }

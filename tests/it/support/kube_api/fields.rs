@@ -22,8 +22,9 @@ use super::resources::{ListType, ResourceDef};
 pub type FieldPath = Vec<String>;
 pub type FieldSet = BTreeSet<FieldPath>;
 
-/// Metadata fields that belong to users (and so to field managers).
-const OWNED_METADATA: &[&str] = &["labels", "annotations", "finalizers", "ownerReferences"];
+/// Metadata fields that belong to users (and so to field managers). `finalizers` are refused
+/// and `ownerReferences` are written by nothing the controller runs.
+const OWNED_METADATA: &[&str] = &["labels", "annotations"];
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Operation {

@@ -1,40 +1,45 @@
 //! An in-process Kubernetes API double that speaks real HTTP, so the real controller (kube
-//! client, kube-runtime Controller/watcher/events, kube-lease-manager) runs unmodified against it.
+//! client, kube-runtime Controller/watcher/events Recorder, kube-lease-manager) runs unmodified
+//! against it. It serves what those use, and what the controller's tests use, and no more.
 //!
 //! Served (see `resources.rs`): `imagemirror.dev/v1alpha1 imagemirrors` (+ `/status`), core
-//! `v1 secrets`, `v1 events`, `v1 namespaces`, `events.k8s.io/v1 events`,
-//! `coordination.k8s.io/v1 leases`, `apiextensions.k8s.io/v1 customresourcedefinitions`, plus
-//! `/version` and discovery. Verbs: get, list, watch, create, update (PUT), patch (merge, JSON,
-//! strategic for built-ins, server-side apply), delete, deletecollection.
+//! `v1 secrets` (also as `PartialObjectMetadata`, for the controller's metadata watch) and
+//! `v1 namespaces`, `events.k8s.io/v1 events`, `coordination.k8s.io/v1 leases`,
+//! `apiextensions.k8s.io/v1 customresourcedefinitions` (for `TestCluster`'s real-cluster mode).
+//! Verbs: get, list (label selectors for `--selector`, `metadata.name`/`metadata.namespace`
+//! field selectors, pages), watch, create, update (PUT), patch (merge; strategic for built-in
+//! types, which kube-lease-manager sends; server-side apply), delete.
 //!
 //! Faithful where controllers notice: one global resourceVersion; optimistic concurrency (409
 //! Conflict); `generation` bumped by spec changes only; the status subresource; no-op writes do
-//! not bump the resourceVersion or emit events; finalizers (delete sets `deletionTimestamp`, the
-//! object goes when the last finalizer does); namespaces must exist and deleting one deletes its
-//! contents; server-side apply with field ownership, conflicts and `force` (kube-lease-manager's
-//! mutual exclusion relies on apply conflicts); the ImageMirror CRD schema (pruning, defaults,
-//! validation, its CEL rule); watch semantics in `watch.rs`; errors as `Status` objects.
+//! not bump the resourceVersion or emit events; namespaces must exist and deleting one deletes
+//! its contents; server-side apply with field ownership, conflicts and `force`
+//! (kube-lease-manager's mutual exclusion relies on apply conflicts); the ImageMirror CRD schema
+//! (pruning, defaults, validation, its CEL rules); watch semantics in `watch.rs`; errors as
+//! `Status` objects.
+//!
+//! Refused (so a test that starts to rely on them fails instead of passing on wrong behaviour):
+//! finalizers (422), `dryRun` (400), deletecollection (405), JSON patch (415), streaming lists
+//! (`sendInitialEvents`, 400), field selectors on other fields (400), `generateName` (422).
 //!
 //! Simplifications (what a real API server does differently):
-//! - no authn/authz, admission webhooks, protobuf, CBOR, gzip, or HTTP/2;
+//! - no authn/authz, admission webhooks, protobuf, CBOR, gzip, HTTP/2, or discovery;
 //! - server-side apply is structured-merge-diff reduced to leaf paths: list semantics come from
-//!   the CRD (`x-kubernetes-list-type`) for ImageMirror and are hard-coded for metadata
-//!   (`ownerReferences` map by uid, `finalizers` set); built-in types are otherwise atomic;
-//!   conflicts are found on exactly the same leaf; `managedFields` are rendered but the ones a
-//!   client sends are ignored; no version conversion;
+//!   the CRD (`x-kubernetes-list-type`) for ImageMirror; built-in types' lists are atomic; of
+//!   metadata only labels and annotations are owned; conflicts are found on exactly the same
+//!   leaf; `managedFields` are rendered but the ones a client sends are ignored; no version
+//!   conversion;
 //! - strategic merge patch is a JSON merge patch (no `$patch`/`$retainKeys` directives);
 //! - CEL rules are evaluated by Rust equivalents listed in `schema::CEL_RULES` (a test fails on
-//!   an unknown rule); only ImageMirror objects are validated against a schema;
+//!   an unknown rule); only ImageMirror objects are validated against a schema; built-in types
+//!   are stored as sent (no `stringData` → `data`);
 //! - get and list always read the latest state (`resourceVersion`/`resourceVersionMatch` on them
 //!   are ignored); list pages (`limit`/`continue`) are cut from the current state, not a snapshot;
-//! - PUT never creates; only ImageMirrors are validated, built-in types are stored as sent
-//!   (plus Secret `stringData` → `data`);
-//! - deletion is immediate (no grace periods), no garbage collection of owned objects;
+//! - PUT never creates;
+//! - deletion is immediate (no grace periods, no preconditions), no garbage collection of owned
+//!   objects;
 //! - the history kept for watches is a count of changes (`history_limit`), not a time window;
 //!   bookmarks come every `bookmark_interval` (1 minute on a real server).
-
-// The double serves the controller's e2e tests too; not every helper is used by every build.
-#![allow(dead_code)]
 
 mod cluster;
 mod error;
@@ -54,7 +59,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 pub use cluster::TestCluster;
-#[allow(unused_imports)] // for the controller's e2e tests
 pub use cluster::helpers;
 pub use error::ApiError;
 pub use resources::imagemirror_schema;
@@ -66,14 +70,13 @@ use store::Store;
 #[derive(Debug, Clone)]
 pub struct RequestRecord {
     pub method: String,
-    /// get, list, watch, create, update, patch, delete, deletecollection.
+    /// get, list, watch, create, update, patch, delete.
     pub verb: String,
     pub group: String,
     pub resource: String,
     pub subresource: Option<String>,
     pub namespace: Option<String>,
     pub name: Option<String>,
-    pub query: String,
     pub content_type: String,
     pub field_manager: Option<String>,
     /// The HTTP status sent.
@@ -313,7 +316,6 @@ impl ApiServer {
         let ctx = store::WriteCtx {
             manager: "older-crd",
             subresource: "",
-            dry_run: false,
         };
         let res = resources::find("imagemirror.dev", "v1alpha1", "imagemirrors")
             .expect("imagemirrors are served");

@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use std::sync::OnceLock;
 
 use kube::CustomResourceExt;
-use serde_json::{Value, json};
+use serde_json::Value;
 
 /// How a list field merges under server-side apply.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -36,8 +36,6 @@ pub struct ResourceDef {
     pub custom: bool,
     /// `metadata.generation` is maintained (incremented when anything but metadata/status changes).
     pub generation: bool,
-    /// Field selectors accepted besides `metadata.name` / `metadata.namespace`.
-    pub extra_field_selectors: &'static [&'static str],
     /// List semantics by dotted schema path (list items are transparent: `status.conditions`).
     pub lists: BTreeMap<String, ListType>,
 }
@@ -64,37 +62,9 @@ impl ResourceDef {
         if let Some(t) = self.lists.get(schema_path) {
             return t.clone();
         }
-        match schema_path {
-            "metadata.ownerReferences" => ListType::Map(vec!["uid".into()]),
-            "metadata.finalizers" => ListType::Set,
-            _ => ListType::Atomic,
-        }
+        ListType::Atomic
     }
 }
-
-const CORE_EVENT_FIELDS: &[&str] = &[
-    "involvedObject.kind",
-    "involvedObject.namespace",
-    "involvedObject.name",
-    "involvedObject.uid",
-    "involvedObject.apiVersion",
-    "involvedObject.resourceVersion",
-    "involvedObject.fieldPath",
-    "reason",
-    "reportingComponent",
-    "source",
-    "type",
-];
-
-const EVENTS_V1_FIELDS: &[&str] = &[
-    "regarding.kind",
-    "regarding.namespace",
-    "regarding.name",
-    "regarding.uid",
-    "reason",
-    "reportingController",
-    "type",
-];
 
 fn def(
     group: &'static str,
@@ -112,7 +82,6 @@ fn def(
         status_subresource: false,
         custom: false,
         generation: false,
-        extra_field_selectors: &[],
         lists: BTreeMap::new(),
     }
 }
@@ -175,16 +144,11 @@ pub fn all() -> &'static [ResourceDef] {
         im.generation = true;
         im.lists = lists;
 
-        let mut secrets = def("", "v1", "secrets", "Secret", true);
-        secrets.extra_field_selectors = &["type"];
-        let mut core_events = def("", "v1", "events", "Event", true);
-        core_events.extra_field_selectors = CORE_EVENT_FIELDS;
-        let mut events = def("events.k8s.io", "v1", "events", "Event", true);
-        events.extra_field_selectors = EVENTS_V1_FIELDS;
+        let secrets = def("", "v1", "secrets", "Secret", true);
+        // The events Recorder of kube-runtime writes events.k8s.io/v1 only.
+        let events = def("events.k8s.io", "v1", "events", "Event", true);
         let leases = def("coordination.k8s.io", "v1", "leases", "Lease", true);
-        let mut namespaces = def("", "v1", "namespaces", "Namespace", false);
-        namespaces.status_subresource = true;
-        namespaces.extra_field_selectors = &["status.phase"];
+        let namespaces = def("", "v1", "namespaces", "Namespace", false);
         let mut crds = def(
             "apiextensions.k8s.io",
             "v1",
@@ -194,7 +158,7 @@ pub fn all() -> &'static [ResourceDef] {
         );
         crds.status_subresource = true;
         crds.generation = true;
-        vec![im, secrets, core_events, events, leases, namespaces, crds]
+        vec![im, secrets, events, leases, namespaces, crds]
     })
 }
 
@@ -208,80 +172,4 @@ pub fn find(group: &str, version: &str, plural: &str) -> Option<usize> {
 /// Index of the namespaces resource.
 pub fn namespaces() -> usize {
     find("", "v1", "namespaces").expect("namespaces are served")
-}
-
-/// `/api` (core versions), `/apis` (groups) and `/api[s]/{g}/{v}` (resource lists): enough
-/// discovery for `kube::Discovery` and kubectl.
-pub fn discovery(path: &str) -> Option<Value> {
-    let segs: Vec<&str> = path.trim_matches('/').split('/').collect();
-    match segs.as_slice() {
-        ["api"] => Some(json!({
-            "kind": "APIVersions",
-            "versions": ["v1"],
-            "serverAddressByClientCIDRs": [{"clientCIDR": "0.0.0.0/0", "serverAddress": "127.0.0.1"}]
-        })),
-        ["apis"] => {
-            let mut groups: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
-            for r in all().iter().filter(|r| !r.group.is_empty()) {
-                let v = groups.entry(r.group).or_default();
-                if !v.contains(&r.version) {
-                    v.push(r.version);
-                }
-            }
-            let groups: Vec<Value> = groups
-                .into_iter()
-                .map(|(g, vs)| {
-                    let versions: Vec<Value> = vs
-                        .iter()
-                        .map(|v| json!({"groupVersion": format!("{g}/{v}"), "version": v}))
-                        .collect();
-                    json!({"name": g, "versions": versions, "preferredVersion": versions[0]})
-                })
-                .collect();
-            Some(json!({"kind": "APIGroupList", "apiVersion": "v1", "groups": groups}))
-        }
-        ["api", v] => resource_list("", v),
-        ["apis", g, v] => resource_list(g, v),
-        _ => None,
-    }
-}
-
-fn resource_list(group: &str, version: &str) -> Option<Value> {
-    let mut resources = Vec::new();
-    for r in all()
-        .iter()
-        .filter(|r| r.group == group && r.version == version)
-    {
-        let verbs = [
-            "create",
-            "delete",
-            "deletecollection",
-            "get",
-            "list",
-            "patch",
-            "update",
-            "watch",
-        ];
-        resources.push(json!({
-            "name": r.plural, "singularName": r.kind.to_lowercase(), "namespaced": r.namespaced,
-            "kind": r.kind, "verbs": verbs,
-        }));
-        if r.status_subresource {
-            resources.push(json!({
-                "name": format!("{}/status", r.plural), "singularName": "", "namespaced": r.namespaced,
-                "kind": r.kind, "verbs": ["get", "patch", "update"],
-            }));
-        }
-    }
-    if resources.is_empty() {
-        return None;
-    }
-    let gv = if group.is_empty() {
-        version.to_string()
-    } else {
-        format!("{group}/{version}")
-    };
-    Some(
-        json!({"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": gv, "resources": resources}),
-    )
 }

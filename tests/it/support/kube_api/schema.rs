@@ -1,11 +1,10 @@
-//! Admission, as far as the double goes: per-type server behaviour (Secret `stringData`,
-//! Namespace phase, CRD status) and, for `ImageMirror`, the CRD's structural schema: unknown
+//! Admission, as far as the double goes: per-type server behaviour (CRD status, which
+//! `TestCluster` waits on) and, for `ImageMirror`, the CRD's structural schema: unknown
 //! fields are pruned, defaults applied, types/required/enum/pattern/minimum/minLength checked,
 //! and the CRD's CEL rules evaluated by hand-written Rust equivalents (see [`CEL_RULES`]).
 
 use std::sync::OnceLock;
 
-use base64::Engine;
 use serde_json::{Map, Value, json};
 
 use super::error::ApiError;
@@ -84,26 +83,6 @@ pub fn admit(
         return Ok(());
     }
     match (res.group, res.plural) {
-        ("", "secrets") => {
-            if let Some(Value::Object(sd)) = obj
-                .as_object_mut()
-                .and_then(|m| m.shift_remove("stringData"))
-            {
-                if !obj["data"].is_object() {
-                    obj["data"] = json!({});
-                }
-                for (k, v) in sd {
-                    let text = v.as_str().unwrap_or_default();
-                    obj["data"][k] = json!(base64::engine::general_purpose::STANDARD.encode(text));
-                }
-            }
-            if obj["type"].is_null() {
-                obj["type"] = json!("Opaque");
-            }
-        }
-        ("", "namespaces") if obj["status"]["phase"].is_null() => {
-            obj["status"] = json!({"phase": "Active"});
-        }
         ("apiextensions.k8s.io", _) => {
             let t = now();
             let stored: Vec<Value> = obj["spec"]["versions"]

@@ -1,10 +1,11 @@
-//! Label selectors (`=`, `==`, `!=`, `in`, `notin`, exists, `!`exists) and field selectors
-//! (`metadata.name`, `metadata.namespace` and a few per-type fields; `=`, `==`, `!=`).
+//! Label selectors (`=`, `==`, `!=`, `in`, `notin`, exists, `!`exists: the controller's
+//! `--selector`) and field selectors on `metadata.name` / `metadata.namespace` (`=`, `==`, `!=`;
+//! kube-runtime's `await_condition` watches one object by name). Other field selectors are
+//! refused with 400, as a real server refuses fields a type does not index.
 
 use serde_json::Value;
 
 use super::error::ApiError;
-use super::resources::ResourceDef;
 
 #[derive(Debug, Clone)]
 enum Req {
@@ -103,11 +104,7 @@ fn field_value(obj: &Value, path: &str) -> Option<String> {
 }
 
 impl Selector {
-    pub fn parse(
-        res: &ResourceDef,
-        labels: Option<&str>,
-        fields: Option<&str>,
-    ) -> Result<Self, ApiError> {
+    pub fn parse(labels: Option<&str>, fields: Option<&str>) -> Result<Self, ApiError> {
         let mut sel = Selector::default();
         for t in split_terms(labels.unwrap_or("")) {
             sel.labels
@@ -118,9 +115,7 @@ impl Selector {
             let (Req::Eq(k, _) | Req::Ne(k, _)) = &req else {
                 unreachable!("field selectors parse to = and != only")
             };
-            let known = matches!(k.as_str(), "metadata.name" | "metadata.namespace")
-                || res.extra_field_selectors.contains(&k.as_str());
-            if !known {
+            if !matches!(k.as_str(), "metadata.name" | "metadata.namespace") {
                 return Err(ApiError::bad_request(format!(
                     "field label not supported: {k}"
                 )));

@@ -122,7 +122,6 @@ fn verb(method: &Method, r: &Route, q: &HashMap<String, String>) -> &'static str
         ("PUT", true) => "update",
         ("PATCH", true) => "patch",
         ("DELETE", true) => "delete",
-        ("DELETE", false) => "deletecollection",
         _ => "unsupported",
     }
 }
@@ -139,17 +138,6 @@ pub async fn handle(
         url::form_urlencoded::parse(uri.query().unwrap_or("").as_bytes())
             .into_owned()
             .collect();
-    if method == Method::GET {
-        if path == "/version" {
-            return json_response(
-                200,
-                &json!({"major": "1", "minor": "35", "gitVersion": "v1.35.0-imagemirror-double", "platform": "linux/amd64"}),
-            );
-        }
-        if let Some(d) = resources::discovery(&path) {
-            return json_response(200, &d);
-        }
-    }
     let Some(r) = route(&path) else {
         return error_response(&ApiError::no_route());
     };
@@ -163,7 +151,6 @@ pub async fn handle(
         subresource: r.subresource.clone(),
         namespace: r.namespace.clone(),
         name: r.name.clone(),
-        query: uri.query().unwrap_or("").to_string(),
         content_type: content_type(&headers),
         field_manager: q.get("fieldManager").cloned(),
         code: 0,
@@ -205,11 +192,16 @@ fn dispatch(
     if res.namespaced && r.namespace.is_none() && !matches!(verb, "list" | "watch") {
         return Err(ApiError::method_not_allowed(verb));
     }
+    if q.contains_key("dryRun") {
+        // Not served: a dry run taken for a real write would hide a bug of the caller.
+        return Err(ApiError::bad_request(
+            "dryRun is not supported by the API double",
+        ));
+    }
     let manager = field_manager(q, headers);
     let ctx = WriteCtx {
         manager: &manager,
         subresource: sub,
-        dry_run: q.get("dryRun").is_some_and(|d| d == "All"),
     };
     let name = r.name.as_deref().unwrap_or("");
     let metadata_only = headers
@@ -218,7 +210,6 @@ fn dispatch(
         .is_some_and(|a| a.contains("as=PartialObjectMetadata"));
     let mut store = shared.store.lock().expect("store lock");
     let (code, value) = match verb {
-        "get" if metadata_only => (200, partial_metadata(&store.get(r.res, ns, name)?)),
         "get" => (200, store.get(r.res, ns, name)?),
         "list" if metadata_only => {
             let mut l = list(&store, res, r, q)?;
@@ -247,14 +238,14 @@ fn dispatch(
             let force = q.get("force").is_some_and(|f| f == "true");
             let kind = match ct.as_str() {
                 "application/merge-patch+json" => PatchKind::Merge,
-                "application/json-patch+json" => PatchKind::Json,
                 "application/strategic-merge-patch+json" if !res.custom => PatchKind::Strategic,
                 "application/apply-patch+yaml" => PatchKind::Apply { force },
+                // JSON patch (RFC 6902) is not served: nothing the controller runs sends it.
                 other => {
                     let accepted = if res.custom {
-                        "application/json-patch+json, application/merge-patch+json, application/apply-patch+yaml"
+                        "application/merge-patch+json, application/apply-patch+yaml"
                     } else {
-                        "application/json-patch+json, application/merge-patch+json, application/strategic-merge-patch+json, application/apply-patch+yaml"
+                        "application/merge-patch+json, application/strategic-merge-patch+json, application/apply-patch+yaml"
                     };
                     return Err(ApiError::unsupported_media_type(other, accepted));
                 }
@@ -285,13 +276,8 @@ fn dispatch(
             (if created { 201 } else { 200 }, obj)
         }
         "delete" if sub.is_empty() => {
-            let options = if body.is_empty() {
-                json!({})
-            } else {
-                serde_json::from_slice(body).unwrap_or_else(|_| json!({}))
-            };
-            let (obj, gone) = store.delete(r.res, ns, name, &options, ctx.dry_run)?;
-            if gone && !res.custom && r.res != resources::namespaces() {
+            let obj = store.delete(r.res, ns, name)?;
+            if !res.custom && r.res != resources::namespaces() {
                 let details = json!({"name": name, "group": res.group, "kind": res.plural, "uid": obj["metadata"]["uid"]});
                 (
                     200,
@@ -300,30 +286,6 @@ fn dispatch(
             } else {
                 (200, obj)
             }
-        }
-        "deletecollection" => {
-            let sel = Selector::parse(
-                res,
-                q.get("labelSelector").map(String::as_str),
-                q.get("fieldSelector").map(String::as_str),
-            )?;
-            let targets: Vec<String> = store
-                .list(r.res, r.namespace.as_deref())
-                .into_iter()
-                .filter(|o| sel.matches(o))
-                .filter_map(|o| o["metadata"]["name"].as_str().map(String::from))
-                .collect();
-            let mut items = Vec::new();
-            for t in targets {
-                if let Ok((obj, _)) = store.delete(r.res, ns, &t, &json!({}), ctx.dry_run) {
-                    items.push(obj);
-                }
-            }
-            let rv = store.resource_version().to_string();
-            (
-                200,
-                json!({"kind": format!("{}List", res.kind), "apiVersion": res.api_version(), "metadata": {"resourceVersion": rv}, "items": items}),
-            )
         }
         other => return Err(ApiError::method_not_allowed(other)),
     };
@@ -345,7 +307,6 @@ fn list(
     q: &HashMap<String, String>,
 ) -> Result<Value, ApiError> {
     let sel = Selector::parse(
-        res,
         q.get("labelSelector").map(String::as_str),
         q.get("fieldSelector").map(String::as_str),
     )?;

@@ -1,5 +1,5 @@
 //! The object store: one global resourceVersion counter, object metadata semantics, the status
-//! subresource, field ownership, finalizers, and a bounded history of changes for watches.
+//! subresource, field ownership, and a bounded history of changes for watches.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
@@ -42,19 +42,18 @@ pub(super) struct Stored {
     pub(super) managed: Vec<ManagedEntry>,
 }
 
-/// Who writes, where, and whether for real.
+/// Who writes, and where.
 pub struct WriteCtx<'a> {
     pub manager: &'a str,
     pub subresource: &'a str,
-    pub dry_run: bool,
 }
 
 pub enum PatchKind {
     Merge,
     /// Treated as a JSON merge patch (no `$patch` directives; the served built-in types have no
-    /// lists whose strategy differs). Refused for custom resources, like a real server.
+    /// lists whose strategy differs). kube-lease-manager renews and releases Leases with it.
+    /// Refused for custom resources, like a real server.
     Strategic,
-    Json,
     Apply {
         force: bool,
     },
@@ -115,7 +114,6 @@ impl Store {
         let ctx = WriteCtx {
             manager: "kube-apiserver",
             subresource: "",
-            dry_run: false,
         };
         for ns in ["default", "kube-system"] {
             let body = json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}});
@@ -187,7 +185,6 @@ impl Store {
         key: ObjKey,
         mut new: Value,
         mut managed: Vec<ManagedEntry>,
-        dry_run: bool,
     ) -> Value {
         let old = self.objects.get(&key);
         if let Some(old) = old {
@@ -203,10 +200,6 @@ impl Store {
                 return old.obj.clone();
             }
         }
-        let finished = !meta(&new)["deletionTimestamp"].is_null()
-            && meta(&new)["finalizers"]
-                .as_array()
-                .is_none_or(|f| f.is_empty());
         if old.is_none() {
             managed.retain(|e| !e.fields.is_empty());
         }
@@ -214,15 +207,6 @@ impl Store {
         let m = meta_mut(&mut new);
         if rendered.as_array().is_some_and(|a| !a.is_empty()) {
             m.insert("managedFields".into(), rendered);
-        }
-        if dry_run {
-            let rv = old.and_then(|o| rv_of(&o.obj)).unwrap_or("").to_string();
-            meta_mut(&mut new).insert("resourceVersion".into(), json!(rv));
-            return new;
-        }
-        if finished {
-            // The last finalizer is gone from an object being deleted: now it goes.
-            return self.remove(key, new);
         }
         self.rv += 1;
         meta_mut(&mut new).insert("resourceVersion".into(), json!(self.rv.to_string()));

@@ -1,5 +1,5 @@
-//! The write verbs of the store: create, update (PUT), patch (merge, JSON, strategic, apply)
-//! and delete, with the metadata semantics of the API server.
+//! The write verbs of the store: create, update (PUT), patch (merge, strategic, apply) and
+//! delete, with the metadata semantics of the API server.
 
 use serde_json::{Value, json};
 
@@ -24,13 +24,6 @@ fn uid() -> String {
         &h[17..20],
         &h[20..32]
     )
-}
-
-fn generated_suffix() -> String {
-    const ALPHABET: &[u8] = b"bcdfghjklmnpqrstvwxz2456789";
-    (0..5)
-        .map(|_| ALPHABET[rand::random_range(0..ALPHABET.len())] as char)
-        .collect()
 }
 
 /// Names are DNS subdomains (namespaces: DNS labels), as the API server requires.
@@ -189,13 +182,7 @@ impl Store {
             }
             let old_meta = meta(old).clone();
             let m = meta_mut(&mut new);
-            for k in [
-                "uid",
-                "creationTimestamp",
-                "deletionTimestamp",
-                "deletionGracePeriodSeconds",
-                "generation",
-            ] {
+            for k in ["uid", "creationTimestamp", "generation"] {
                 match old_meta.get(k) {
                     Some(v) => m.insert(k.into(), v.clone()),
                     None => m.shift_remove(k),
@@ -208,14 +195,21 @@ impl Store {
             let m = meta_mut(&mut new);
             m.insert("uid".into(), json!(uid()));
             m.insert("creationTimestamp".into(), json!(now()));
-            m.shift_remove("deletionTimestamp");
-            m.shift_remove("deletionGracePeriodSeconds");
             m.shift_remove("generation");
             if res.generation {
                 m.insert("generation".into(), json!(1));
             }
         }
         let m = meta_mut(&mut new);
+        if m.get("finalizers").is_some_and(|f| !f.is_null()) {
+            // Not served (deletion is immediate): refused, so a test relying on them fails.
+            return Err(ApiError::invalid(
+                res,
+                name,
+                "metadata.finalizers",
+                "Forbidden: finalizers are not supported by the API double",
+            ));
+        }
         m.insert("name".into(), json!(name));
         if res.namespaced {
             m.insert("namespace".into(), json!(ns));
@@ -251,18 +245,15 @@ impl Store {
                 "resourceVersion should not be set on objects to be created",
             ));
         }
-        let name = match (
-            meta(&body)["name"].as_str(),
-            meta(&body)["generateName"].as_str(),
-        ) {
-            (Some(n), _) if !n.is_empty() => n.to_string(),
-            (_, Some(g)) if !g.is_empty() => format!("{g}{}", generated_suffix()),
+        // generateName is not served: nothing the controller runs creates objects without names.
+        let name = match meta(&body)["name"].as_str() {
+            Some(n) if !n.is_empty() => n.to_string(),
             _ => {
                 return Err(ApiError::invalid(
                     res,
                     "",
                     "metadata.name",
-                    "Required value: name or generateName is required",
+                    "Required value: name is required",
                 ));
             }
         };
@@ -283,7 +274,7 @@ impl Store {
         let new = Self::prepare(res_idx, None, body, ns, &name, "")?;
         let mut managed = Vec::new();
         record_update(&mut managed, res, None, &new, ctx.manager, "");
-        Ok(self.commit(key, new, managed, ctx.dry_run))
+        Ok(self.commit(key, new, managed))
     }
 
     fn existing(
@@ -342,10 +333,10 @@ impl Store {
             ctx.manager,
             ctx.subresource,
         );
-        Ok(self.commit(key, new, managed, ctx.dry_run))
+        Ok(self.commit(key, new, managed))
     }
 
-    /// PATCH in any of the four content types. Returns the object and whether it was created.
+    /// PATCH in any of the three content types. Returns the object and whether it was created.
     pub fn patch(
         &mut self,
         res_idx: usize,
@@ -363,12 +354,7 @@ impl Store {
                 let (key, old, mut managed) = self.existing(res_idx, ns, name)?;
                 let mut full = without_server_meta(&old);
                 meta_mut(&mut full).insert("resourceVersion".into(), json!(rv_of(&old)));
-                match kind {
-                    PatchKind::Json => patch::json_patch(&mut full, &body).map_err(|e| {
-                        ApiError::new(422, "Invalid", format!("the server rejected our request due to an error in our request: {e}"))
-                    })?,
-                    _ => patch::merge_patch(&mut full, &body),
-                }
+                patch::merge_patch(&mut full, &body);
                 if rv_of(&full) != rv_of(&old) || meta(&full)["uid"] != meta(&old)["uid"] {
                     return Err(ApiError::conflict(res, name));
                 }
@@ -382,7 +368,7 @@ impl Store {
                     ctx.manager,
                     ctx.subresource,
                 );
-                return Ok((self.commit(key, new, managed, ctx.dry_run), false));
+                return Ok((self.commit(key, new, managed), false));
             }
         };
         // Server-side apply.
@@ -444,56 +430,13 @@ impl Store {
         let new = Self::prepare(res_idx, old.as_ref(), merged, ns, name, ctx.subresource)?;
         fields::retain_existing(&mut managed, &new);
         let created = old.is_none();
-        Ok((self.commit(key, new, managed, ctx.dry_run), created))
+        Ok((self.commit(key, new, managed), created))
     }
 
-    /// DELETE. Returns the object and whether it is gone (false: finalizers are pending).
-    pub fn delete(
-        &mut self,
-        res_idx: usize,
-        ns: &str,
-        name: &str,
-        options: &Value,
-        dry_run: bool,
-    ) -> Result<(Value, bool), ApiError> {
-        let res = &resources::all()[res_idx];
-        let (key, old, managed) = self.existing(res_idx, ns, name)?;
-        let pre = &options["preconditions"];
-        for (field, got) in [
-            ("uid", &meta(&old)["uid"]),
-            ("resourceVersion", &meta(&old)["resourceVersion"]),
-        ] {
-            if let Some(want) = pre[field].as_str()
-                && Some(want) != got.as_str()
-            {
-                let mut e = ApiError::conflict(res, name);
-                e.message = format!(
-                    "Operation cannot be fulfilled on {} \"{name}\": Precondition failed: {field} in precondition: {want}, {field} in object meta: {}",
-                    res.qualified(),
-                    got.as_str().unwrap_or("")
-                );
-                return Err(e);
-            }
-        }
-        if dry_run {
-            return Ok((old, true));
-        }
-        let has_finalizers = meta(&old)["finalizers"]
-            .as_array()
-            .is_some_and(|f| !f.is_empty());
-        if has_finalizers {
-            if !meta(&old)["deletionTimestamp"].is_null() {
-                return Ok((old, false));
-            }
-            let mut new = without_server_meta(&old);
-            let m = meta_mut(&mut new);
-            m.insert("deletionTimestamp".into(), json!(now()));
-            m.insert("deletionGracePeriodSeconds".into(), json!(0));
-            if let Some(g) = m.get("generation").and_then(Value::as_i64) {
-                m.insert("generation".into(), json!(g + 1));
-            }
-            return Ok((self.commit(key, new, managed, false), false));
-        }
+    /// DELETE: immediate (no finalizers, no grace period); a namespace takes its contents along.
+    /// Returns the object as it was last.
+    pub fn delete(&mut self, res_idx: usize, ns: &str, name: &str) -> Result<Value, ApiError> {
+        let (key, old, _) = self.existing(res_idx, ns, name)?;
         if res_idx == resources::namespaces() {
             let inside: Vec<ObjKey> = self
                 .objects
@@ -506,6 +449,6 @@ impl Store {
                 self.remove(k, obj);
             }
         }
-        Ok((self.remove(key, old), true))
+        Ok(self.remove(key, old))
     }
 }

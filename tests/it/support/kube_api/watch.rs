@@ -3,8 +3,6 @@
 //! - `resourceVersion` absent or "0": ADDED for every current object, then changes;
 //! - `resourceVersion=N`: the changes after N replayed from the bounded history, then live ones;
 //!   when N is older than the history, one ERROR event carrying a 410 Expired Status;
-//! - `sendInitialEvents=true`: ADDED for every current object, then a BOOKMARK annotated
-//!   `k8s.io/initial-events-end` (streaming lists);
 //! - `allowWatchBookmarks=true`: a BOOKMARK (only kind, apiVersion, metadata.resourceVersion)
 //!   every bookmark interval, at a resourceVersion all events up to which were sent;
 //! - selectors: an object that stops matching is sent as DELETED, one that starts as ADDED;
@@ -76,11 +74,8 @@ fn line(t: &str, object: &Value) -> Bytes {
     Bytes::from(v)
 }
 
-fn bookmark(res: &ResourceDef, rv: u64, initial_end: bool) -> Bytes {
-    let mut meta = json!({"resourceVersion": rv.to_string()});
-    if initial_end {
-        meta["annotations"] = json!({"k8s.io/initial-events-end": "true"});
-    }
+fn bookmark(res: &ResourceDef, rv: u64) -> Bytes {
+    let meta = json!({"resourceVersion": rv.to_string()});
     line(
         "BOOKMARK",
         &json!({"kind": res.kind, "apiVersion": res.api_version(), "metadata": meta}),
@@ -113,7 +108,6 @@ pub fn serve(
 ) -> Result<Response, ApiError> {
     let res = &resources::all()[res_idx];
     let selector = Selector::parse(
-        res,
         q.get("labelSelector").map(String::as_str),
         q.get("fieldSelector").map(String::as_str),
     )?;
@@ -131,7 +125,12 @@ pub fn serve(
         ),
     };
     let bookmarks = q.get("allowWatchBookmarks").is_some_and(|b| b == "true");
-    let initial_events = q.get("sendInitialEvents").is_some_and(|b| b == "true");
+    if q.contains_key("sendInitialEvents") {
+        // Streaming lists are not served (the controller's watchers list, then watch).
+        return Err(ApiError::bad_request(
+            "sendInitialEvents is not supported by the API double",
+        ));
+    }
     let timeout = Duration::from_secs(
         q.get("timeoutSeconds")
             .and_then(|t| t.parse().ok())
@@ -142,7 +141,7 @@ pub fn serve(
     let mut first: Vec<Bytes> = Vec::new();
     let (mut changes, mut last) = {
         let store = shared.store.lock().expect("store lock");
-        let snapshot = from.is_none() || initial_events;
+        let snapshot = from.is_none();
         match store.watch_from(if snapshot { None } else { from }) {
             Err(e) => {
                 // Too old: one ERROR event, then the stream ends (kube-runtime relists).
@@ -155,9 +154,6 @@ pub fn serve(
                         if filter.selector.matches(&obj) {
                             first.push(line("ADDED", &filter.shape(&obj)));
                         }
-                    }
-                    if initial_events && bookmarks {
-                        first.push(bookmark(res, current, true));
                     }
                 }
                 for c in replay {
@@ -203,7 +199,7 @@ pub fn serve(
                         }
                     }
                     last = last.max(current);
-                    if tx.send(bookmark(res, last, false)).await.is_err() {
+                    if tx.send(bookmark(res, last)).await.is_err() {
                         return;
                     }
                     continue;
