@@ -20,6 +20,7 @@ use imagemirror::api::ImageMirror;
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::{Api, ListParams};
 
+use crate::support::controller::Fixture;
 use crate::support::controller_proc::ControllerProc;
 use crate::support::image::random_bytes;
 use crate::support::kube_api::{ApiServer, RequestRecord, helpers};
@@ -205,13 +206,17 @@ async fn scale_benchmark() {
     let peak = sample_rss(ctl.pid());
     let t0 = Instant::now();
     for i in 0..n {
-        let yaml = format!(
-            "apiVersion: imagemirror.dev/v1alpha1\nkind: ImageMirror\nmetadata:\n  name: m{i}\n  namespace: {NS}\nspec:\n  source:\n    repository: {}/app-{}\n    plainHTTP: true\n  destination:\n    repository: {}/mirror-{i}\n    plainHTTP: true\n    credentialsSecret: dst-creds\n  tags:\n    names: [v1]\n",
-            src.host(),
-            i % sources,
-            dst.host()
-        );
-        helpers::apply_imagemirror(&client, &yaml).await;
+        let from = format!("{}/app-{}", src.host(), i % sources);
+        Fixture::new(
+            NS,
+            &format!("m{i}"),
+            &from,
+            &format!("{}/mirror-{i}", dst.host()),
+        )
+        .tags(&["v1"])
+        .destination_secret("dst-creds")
+        .apply(&client)
+        .await;
     }
     let created = t0.elapsed();
     bench.wait_all("Ready", ready).await;

@@ -12,6 +12,7 @@ use kube::api::{Api, ListParams, Patch, PatchParams};
 
 use imagemirror::api::ImageMirror;
 
+use crate::support::controller::Fixture;
 use crate::support::controller_proc::ControllerProc;
 use crate::support::kube_api::{ApiServer, helpers};
 use crate::support::{Flavor, Seeder, TestRegistry};
@@ -45,12 +46,14 @@ impl Setup {
         let api = ApiServer::start().await;
         helpers::create_namespace(&api.client(), NS).await;
         for i in 0..mirrors {
-            let yaml = format!(
-                "apiVersion: imagemirror.dev/v1alpha1\nkind: ImageMirror\nmetadata:\n  name: m{i}\n  namespace: {NS}\nspec:\n  source:\n    repository: {}/base\n    plainHTTP: true\n  destination:\n    repository: {}/app-{i}\n    plainHTTP: true\n  tags:\n    names: [v1]\n",
-                src.host(),
-                dst.host()
+            let (from, to) = (
+                format!("{}/base", src.host()),
+                format!("{}/app-{i}", dst.host()),
             );
-            helpers::apply_imagemirror(&api.client(), &yaml).await;
+            Fixture::new(NS, &format!("m{i}"), &from, &to)
+                .tags(&["v1"])
+                .apply(&api.client())
+                .await;
         }
         let dir = tempfile::tempdir().unwrap();
         let kubeconfig = api.kubeconfig(dir.path());
