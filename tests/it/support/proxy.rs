@@ -68,6 +68,45 @@ pub struct Faults {
     pub upload_bytes_dropped: AtomicU64,
     /// An emulation of the OCI 1.1 referrers API (off unless enabled).
     pub referrers_api: super::referrers_api::ReferrersApi,
+    /// Bytes per second of the link behind the proxy, per direction (0: unlimited). Every
+    /// request and response body through the proxy shares it, as streams share one WAN link.
+    pub link_bytes_per_sec: AtomicU64,
+    /// When the link is next free, per direction (to the registry, from it).
+    link_free: std::sync::Mutex<[Option<tokio::time::Instant>; 2]>,
+}
+
+/// How far behind schedule the link may catch up (see [`Faults::cross_link`]).
+const LINK_SLACK: std::time::Duration = std::time::Duration::from_millis(50);
+
+/// A direction through the proxy's link.
+#[derive(Clone, Copy)]
+enum Way {
+    Up = 0,
+    Down = 1,
+}
+
+impl Faults {
+    /// Waits until `len` bytes have crossed the link in direction `way` (immediately when
+    /// the link is unlimited): each chunk takes the next free slot of the link, so streams
+    /// share its rate and a stream that waits (a 429'd one) leaves it to the others.
+    async fn cross_link(&self, way: Way, len: usize) {
+        let rate = self.link_bytes_per_sec.load(Ordering::SeqCst);
+        if rate == 0 || len == 0 {
+            return;
+        }
+        let done = {
+            let mut free = self.link_free.lock().unwrap();
+            // A chunk may start up to LINK_SLACK in the past: a waiter the scheduler wakes late
+            // (a loaded machine) does not lower the link's rate.
+            let now = tokio::time::Instant::now();
+            let earliest = now.checked_sub(LINK_SLACK).unwrap_or(now);
+            let start = free[way as usize].map_or(now, |t| t.max(earliest));
+            let done = start + std::time::Duration::from_secs_f64(len as f64 / rate as f64);
+            free[way as usize] = Some(done);
+            done
+        };
+        tokio::time::sleep_until(done).await;
+    }
 }
 
 /// A running proxy; stops when dropped.
@@ -260,13 +299,19 @@ async fn forward(
         }
     }
     let faults = ctx.faults.clone();
-    let body = reqwest::Body::wrap_stream(req.into_body().into_data_stream().map(move |c| {
-        if let (true, Ok(chunk)) = (is_upload, &c) {
-            faults
-                .upload_bytes_forwarded
-                .fetch_add(chunk.len() as u64, Ordering::SeqCst);
+    let body = reqwest::Body::wrap_stream(req.into_body().into_data_stream().then(move |c| {
+        let faults = faults.clone();
+        async move {
+            if let Ok(chunk) = &c {
+                faults.cross_link(Way::Up, chunk.len()).await;
+                if is_upload {
+                    faults
+                        .upload_bytes_forwarded
+                        .fetch_add(chunk.len() as u64, Ordering::SeqCst);
+                }
+            }
+            c
         }
-        c
     }));
     let resp = match up.body(body).send().await {
         Ok(r) => r,
@@ -312,7 +357,17 @@ async fn forward(
         return out.body(Body::from_stream(trickle)).unwrap();
     }
     let mut sent = 0usize;
-    let stream = resp.bytes_stream().map(move |chunk| {
+    let faults = ctx.faults.clone();
+    let paced = resp.bytes_stream().then(move |c| {
+        let faults = faults.clone();
+        async move {
+            if let Ok(chunk) = &c {
+                faults.cross_link(Way::Down, chunk.len()).await;
+            }
+            c
+        }
+    });
+    let stream = paced.map(move |chunk| {
         let chunk = chunk.map_err(std::io::Error::other)?;
         let start = sent;
         sent += chunk.len();
