@@ -6,6 +6,7 @@
 //! registry name, and deciding comes before it so that a mirror that is not due reads no
 //! Secret data at all (changed Secrets are noticed from their metadata).
 
+use std::collections::BTreeMap;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::Duration;
@@ -236,6 +237,7 @@ async fn dereference(
     let secrets = Api::namespaced(ctx.client.clone(), &m.ns);
     let extra = ctx.extra_ca.as_deref();
     let spec = &m.obj.spec;
+    let mut read = BTreeMap::new();
     let source = read_side(
         &secrets,
         &m.ns,
@@ -243,6 +245,7 @@ async fn dereference(
         &spec.source,
         &valid.source,
         extra,
+        &mut read,
     )
     .await?;
     let destination = read_side(
@@ -252,8 +255,15 @@ async fn dereference(
         &spec.destination,
         &valid.destination,
         extra,
+        &mut read,
     )
     .await?;
+    // Later changes are compared with what this sync read, not with what `decide` saw: just
+    // after a start the metadata cache may not have been loaded then, and with nothing
+    // recorded a change right after this sync would wait for the next interval.
+    if !read.is_empty() {
+        ctx.states.set_secrets(&m.uid, read.into_values().collect());
+    }
     Ok((source, destination))
 }
 

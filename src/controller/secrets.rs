@@ -1,5 +1,7 @@
 //! Reading an ImageMirror's Secrets (its own namespace only) into registry access.
 
+use std::collections::BTreeMap;
+
 use k8s_openapi::api::core::v1::Secret;
 use kube::Api;
 use kube::core::PartialObjectMeta;
@@ -90,8 +92,21 @@ fn key<'a>(secret: &'a Secret, key: &str) -> Option<&'a [u8]> {
     secret.data.as_ref()?.get(key).map(|b| b.0.as_slice())
 }
 
+/// `name@resourceVersion`, the form [`versions`] compares.
+fn version(name: &str, secret: &Secret) -> String {
+    format!(
+        "{name}@{}",
+        secret
+            .metadata
+            .resource_version
+            .as_deref()
+            .unwrap_or_default()
+    )
+}
+
 /// Reads `credentialsSecret` and `caSecret` of one side (`field` is `source` or
-/// `destination`). `extra_ca` (the controller's `--ca-file`) is trusted in addition.
+/// `destination`). `extra_ca` (the controller's `--ca-file`) is trusted in addition. The
+/// version of each Secret read goes into `read` (by name).
 pub async fn read_side(
     api: &Api<Secret>,
     ns: &str,
@@ -99,11 +114,13 @@ pub async fn read_side(
     spec: &RepositorySpec,
     repo: &Repository,
     extra_ca: Option<&[u8]>,
+    read: &mut BTreeMap<String, String>,
 ) -> Result<EndpointAccess, SecretError> {
     let mut access = EndpointAccess::default();
     if let Some(name) = &spec.credentials_secret {
         let f = format!("{field}.credentialsSecret");
         let secret = get(api, ns, name, &f).await?;
+        read.insert(name.clone(), version(name, &secret));
         let invalid = |detail: String| SecretError::Invalid {
             namespace: ns.into(),
             name: name.clone(),
@@ -127,6 +144,7 @@ pub async fn read_side(
     if let Some(name) = &spec.ca_secret {
         let f = format!("{field}.caSecret");
         let secret = get(api, ns, name, &f).await?;
+        read.insert(name.clone(), version(name, &secret));
         let pem = key(&secret, "ca.crt").ok_or_else(|| SecretError::Invalid {
             namespace: ns.into(),
             name: name.clone(),
