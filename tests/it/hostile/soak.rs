@@ -1,25 +1,37 @@
-//! Soak: 300 syncs on one engine against token-auth registries whose credentials rotate every
-//! sync (a new Secret content each time, so a new client and new tokens each time). Resident
-//! memory after the last sync stays within 2 MiB of what it was after the 10th.
+//! Soak of the real controller binary: 300 syncs of one ImageMirror against token-auth
+//! registries whose credentials rotate, each sync triggered by new content in the mirror's
+//! `credentialsSecret` (the controller watches Secret metadata and syncs a mirror again when a
+//! Secret it names changes, see `controller/watches.rs` and `reconcile::decide`). Every
+//! rotation means a new pooled client and new tokens in the controller. Its resident memory
+//! after the last sync stays within 2 MiB of what it was after the 10th.
 //!
-//! Measured in a child process running only the sync loop (this test binary, re-run with a
-//! filter), so other tests running in parallel here do not move the numbers.
+//! The controller is a process of its own, so the tests running in parallel in this binary do
+//! not move its numbers.
 
-use std::process::Command;
+use std::collections::HashSet;
+use std::time::{Duration, Instant};
 
-use imagemirror::mirror::{ClientPool, EndpointAccess};
-use imagemirror::registry::Credentials;
-use imagemirror::transfer::{Engine, EngineConfig};
+use base64::Engine;
+use k8s_openapi::api::core::v1::Secret;
+use kube::api::{Api, Patch, PatchParams};
+use serde_json::json;
 
+use imagemirror::api::ImageMirror;
+
+use crate::support::controller::ready;
+use crate::support::controller_proc::ControllerProc;
+use crate::support::kube_api::{ApiServer, helpers};
 use crate::support::token::{TokenConfig, TokenServer};
-use crate::support::{Flavor, RegistryConfig, Seeder, TestRegistry, app_v1_doc};
+use crate::support::{Flavor, RegistryConfig, Seeder, TestRegistry};
 
 const SYNCS: usize = 300;
-const CHILD: &str = "IMAGEMIRROR_SOAK_CHILD";
+const NS: &str = "soak";
+/// How long one sync may take on a loaded machine.
+const SYNC_WAIT: Duration = Duration::from_secs(60);
 
-/// `VmRSS` of this process, KiB.
-fn rss_kib() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
+/// `VmRSS` of process `pid`, KiB.
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
         .unwrap()
         .lines()
         .find_map(|l| l.strip_prefix("VmRSS:"))
@@ -27,47 +39,47 @@ fn rss_kib() -> u64 {
         .unwrap()
 }
 
-#[test]
-fn three_hundred_syncs_with_rotating_credentials_keep_memory_flat() {
-    let out = Command::new(std::env::current_exe().unwrap())
-        .args([
-            "--exact",
-            "hostile::soak::soak_loop",
-            "--ignored",
-            "--nocapture",
-            "--test-threads=1",
-        ])
-        .env(CHILD, "1")
-        .output()
-        .unwrap();
-    let text =
-        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{text}");
-    let line = text
-        .lines()
-        .find_map(|l| l.split_once("soak: syncs=").map(|(_, rest)| rest))
-        .unwrap_or_else(|| panic!("no soak line: {text}"));
-    println!("soak: syncs={line}");
-    let field = |name: &str| -> u64 {
-        line.split_whitespace()
-            .find_map(|w| w.strip_prefix(name))
-            .and_then(|v| v.parse().ok())
-            .unwrap()
-    };
-    let (tenth, last) = (field("after_10_kib="), field("after_300_kib="));
-    assert!(
-        last.abs_diff(tenth) <= 2048,
-        "RSS moved from {tenth} KiB after the 10th sync to {last} KiB after the last"
-    );
+/// The password of rotation `i`; the token server takes every `secret…`.
+fn password(i: usize) -> String {
+    format!("secret-{i}")
 }
 
-/// The sync loop; runs only as the child of the test above.
+/// `.dockerconfigjson` (base64, as in `data`) with rotation `i` for every host in `hosts`.
+fn docker_config(hosts: &[&str], i: usize) -> String {
+    let auths: serde_json::Map<_, _> = hosts
+        .iter()
+        .map(|h| {
+            (
+                h.to_string(),
+                json!({"username": "soak", "password": password(i)}),
+            )
+        })
+        .collect();
+    base64::engine::general_purpose::STANDARD.encode(json!({ "auths": auths }).to_string())
+}
+
+/// Syncs the controller finished (`imagemirror_sync_duration_seconds_count`); `None` while
+/// its admin server does not answer.
+async fn syncs_done(http: &reqwest::Client, port: u16) -> Option<usize> {
+    let text = http
+        .get(format!("http://127.0.0.1:{port}/metrics"))
+        .timeout(Duration::from_secs(5))
+        .send()
+        .await
+        .ok()?
+        .text()
+        .await
+        .ok()?;
+    text.lines().find_map(|l| {
+        l.strip_prefix("imagemirror_sync_duration_seconds_count ")?
+            .trim()
+            .parse()
+            .ok()
+    })
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "run by three_hundred_syncs_with_rotating_credentials_keep_memory_flat"]
-async fn soak_loop() {
-    if std::env::var_os(CHILD).is_none() {
-        return;
-    }
+async fn three_hundred_controller_syncs_with_rotating_secrets_keep_memory_flat() {
     let tokens = TokenServer::start(TokenConfig {
         rotating_passwords: true,
         ..TokenConfig::new("soak", "secret")
@@ -80,37 +92,98 @@ async fn soak_loop() {
         })
     };
     let (src, dst) = (registry("src"), registry("dst"));
-    Seeder::new(src.host())
+    let image = Seeder::new(src.host())
         .with_basic("soak", "secret")
         .push_image("app", Some("v1"), 91, &[30_000], Flavor::Oci)
         .await;
-    let doc = app_v1_doc(src.host(), dst.host());
-    let engine = Engine::new(EngineConfig::default());
-    let pool = ClientPool::new();
+    let api = ApiServer::start().await;
+    let client = api.client();
+    helpers::create_namespace(&client, NS).await;
+    let hosts = [src.host(), dst.host()];
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), NS);
+    let secret: Secret = serde_json::from_value(json!({
+        "metadata": {"name": "creds", "namespace": NS},
+        "type": "kubernetes.io/dockerconfigjson",
+        "data": {".dockerconfigjson": docker_config(&hosts, 1)},
+    }))
+    .unwrap();
+    secrets.create(&Default::default(), &secret).await.unwrap();
+    // A day's interval: every sync after the first is one a Secret change asked for.
+    let yaml = format!(
+        "apiVersion: imagemirror.dev/v1alpha1\nkind: ImageMirror\nmetadata:\n  name: app\n  namespace: {NS}\nspec:\n  interval: 24h\n  source:\n    repository: {}/app\n    plainHTTP: true\n    credentialsSecret: creds\n  destination:\n    repository: {}/app\n    plainHTTP: true\n    credentialsSecret: creds\n  tags:\n    names: [v1]\n",
+        src.host(),
+        dst.host()
+    );
+    helpers::apply_imagemirror(&client, &yaml).await;
+    let dir = tempfile::tempdir().unwrap();
+    let controller = ControllerProc::start(
+        &api.kubeconfig(dir.path()),
+        dir.path(),
+        "soak",
+        &["--namespace", NS],
+    );
+    let log = || std::fs::read_to_string(dir.path().join("soak.log")).unwrap_or_default();
+    let http = reqwest::Client::new();
+    let started = Instant::now();
     let mut after_10 = 0;
     for i in 1..=SYNCS {
-        let access = EndpointAccess {
-            credentials: Some(Credentials {
-                username: "soak".into(),
-                password: format!("secret-{i}"),
-            }),
-            ca_pem: None,
-        };
-        let report = super::sync_in_process(&engine, &pool, &doc, access).await;
-        assert!(
-            report.items[0].result.is_ok(),
-            "sync {i}: {:?}",
-            report.items[0].result
-        );
+        if i > 1 {
+            let patch = json!({"data": {".dockerconfigjson": docker_config(&hosts, i)}});
+            secrets
+                .patch("creds", &PatchParams::default(), &Patch::Merge(&patch))
+                .await
+                .unwrap();
+        }
+        let deadline = Instant::now() + SYNC_WAIT;
+        loop {
+            let done = syncs_done(&http, controller.port).await.unwrap_or(0);
+            if done >= i {
+                assert_eq!(done, i, "one sync per Secret change");
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "sync {i} did not happen within {SYNC_WAIT:?} ({done} done); log:\n{}",
+                log()
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
         if i == 10 {
-            after_10 = rss_kib();
+            after_10 = rss_kib(controller.pid());
         }
     }
-    let last = rss_kib();
-    let book = engine.book_sizes();
+    let last = rss_kib(controller.pid());
+    let took = started.elapsed();
+    // Each sync used its own rotation: both registries' token requests carried it and were
+    // granted.
+    let granted: HashSet<(String, String)> = tokens
+        .requests()
+        .into_iter()
+        .filter(|r| r.status == 200 && r.account.is_some())
+        .filter_map(|r| Some((r.service?, r.password?)))
+        .collect();
+    for i in 1..=SYNCS {
+        for service in ["src", "dst"] {
+            assert!(
+                granted.contains(&(service.to_string(), password(i))),
+                "sync {i}: no {service} token for its credentials"
+            );
+        }
+    }
+    let mirrors: Api<ImageMirror> = Api::namespaced(client.clone(), NS);
+    let m = helpers::wait_for(&mirrors, "app", SYNC_WAIT, ready).await;
+    let summary = m.status.as_ref().and_then(|s| s.summary.clone()).unwrap();
+    assert_eq!((summary.tags_synced, summary.tags_failed), (1, 0));
+    Seeder::new(dst.host())
+        .with_basic("soak", "secret")
+        .assert_copy_of("app", "v1", &image)
+        .await;
     println!(
-        "soak: syncs={SYNCS} after_10_kib={after_10} after_300_kib={last} pooled_clients={} engine_maps={book:?} token_requests={}",
-        pool.len(),
+        "controller soak: syncs={SYNCS} in {took:?} rss_after_10_kib={after_10} rss_after_{SYNCS}_kib={last} token_requests={}",
         tokens.count()
+    );
+    assert!(
+        last.abs_diff(after_10) <= 2048,
+        "RSS moved from {after_10} KiB after the 10th sync to {last} KiB after the last"
     );
 }

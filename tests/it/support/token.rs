@@ -57,6 +57,8 @@ pub struct TokenRequest {
     pub scopes: Vec<String>,
     /// The authenticated user; `None` for anonymous callers (and for refused ones).
     pub account: Option<String>,
+    /// The password presented, granted or not (tests tell rotations apart by it).
+    pub password: Option<String>,
     pub status: u16,
 }
 
@@ -198,7 +200,9 @@ async fn token(
         }
     }
     let presented = headers.contains_key(header::AUTHORIZATION);
-    let account = basic(&headers)
+    let credentials = basic(&headers);
+    let password = credentials.as_ref().map(|(_, p)| p.clone());
+    let account = credentials
         .filter(|(u, p)| {
             *u == s.config.user
                 && (*p == s.config.password
@@ -210,6 +214,7 @@ async fn token(
             service: service.clone(),
             scopes: scopes.clone(),
             account,
+            password: password.clone(),
             status: status.as_u16(),
         });
     };
