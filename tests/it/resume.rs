@@ -7,7 +7,9 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use imagemirror::registry::{Registry, RegistryClient, RegistryOptions};
-use imagemirror::transfer::{BlobOutcome, BlobRequest, Engine, EngineConfig, no_progress};
+use imagemirror::transfer::{
+    BlobOutcome, BlobRequest, Engine, EngineConfig, StallWatchdog, no_progress,
+};
 
 use crate::support::proxy::FaultProxy;
 use crate::support::registry::Answered;
@@ -341,4 +343,61 @@ async fn a_transfer_every_watcher_left_deletes_its_upload_session() {
         let body = resp.text().await.unwrap();
         assert!(body.contains("BLOB_UPLOAD_UNKNOWN"), "{repo}: {body}");
     }
+}
+
+/// The other half of the seeds' rule: a transfer that two watchers share goes on when one of
+/// them leaves (a deleted mirror cancels only what it alone was waiting for).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shared_transfer_goes_on_when_one_of_its_watchers_leaves() {
+    let (src, dst) = (TestRegistry::start(), TestRegistry::start());
+    let (digest, size) = Seeder::new(src.host())
+        .push_blob_stream("big", 4 * MIB, 35)
+        .await;
+    let proxy = FaultProxy::start(src.host()).await;
+    proxy.faults.hold_blob_gets.store(true, Ordering::SeqCst);
+    // A held GET is abandoned and retried after the window, once the hold is lifted.
+    let engine = Engine::new(EngineConfig {
+        stall: Some(StallWatchdog {
+            window: Duration::from_secs(5),
+            min_bytes: 1,
+        }),
+        ..EngineConfig::default()
+    });
+    let req = || request(proxy.host(), dst.host(), &digest, size);
+    let progress = no_progress();
+    let faults = proxy.faults.clone();
+    let held = || faults.held_gets.load(Ordering::SeqCst);
+    let mut first = Box::pin(engine.copy_blob(req(), &progress));
+    let started = tokio::select! {
+        r = &mut first => panic!("finished while its source was held: {r:?}"),
+        started = eventually(Duration::from_secs(20), || held() == 1) => started,
+    };
+    assert!(started, "the source GET never started");
+    let mut second = Box::pin(engine.copy_blob(req(), &progress));
+    tokio::select! {
+        r = &mut second => panic!("finished while its source was held: {r:?}"),
+        _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+    }
+    assert_eq!(
+        held(),
+        1,
+        "the second watcher started a transfer of its own"
+    );
+    // The first watcher leaves; the transfer goes on for the second.
+    drop(first);
+    faults.hold_blob_gets.store(false, Ordering::SeqCst);
+    let outcome = tokio::time::timeout(Duration::from_secs(60), second)
+        .await
+        .expect("the shared transfer finished within 60 s");
+    assert!(outcome.is_ok(), "{outcome:?}");
+    Seeder::new(dst.host())
+        .assert_blob("big", &digest, size)
+        .await;
+    assert!(
+        !dst.requests()
+            .iter()
+            .any(|r| r.starts_with("DELETE /v2/big/blobs/uploads/")),
+        "the shared transfer was aborted: {:?}",
+        dst.requests()
+    );
 }
