@@ -342,6 +342,17 @@ impl RegistryClient {
         reference: &str,
         manifest: &Manifest,
     ) -> Result<()> {
+        self.send_manifest(repo, reference, manifest).await.map(drop)
+    }
+
+    /// PUTs a manifest and checks the digest the registry says it stored; returns the answer's
+    /// headers (for `OCI-Subject`).
+    pub(super) async fn send_manifest(
+        &self,
+        repo: &str,
+        reference: &str,
+        manifest: &Manifest,
+    ) -> Result<HeaderMap> {
         let what = self.what(repo, reference);
         let url = self.t.url(&format!("/v2/{repo}/manifests/{reference}"));
         let resp = self
@@ -365,7 +376,7 @@ impl RegistryClient {
                 actual_size: manifest.bytes.len() as u64,
             });
         }
-        Ok(())
+        Ok(resp.headers().clone())
     }
 
     /// The tags of a repository, following `Link` pagination for at most `max_pages` pages.

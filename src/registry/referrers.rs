@@ -1,7 +1,7 @@
 //! OCI 1.1 referrers: the referrers API (`GET /v2/<name>/referrers/<digest>`), the referrers
 //! tag schema's tag name, and manifest PUTs that report `OCI-Subject`.
 
-use reqwest::header::{ACCEPT, CONTENT_TYPE, HeaderMap};
+use reqwest::header::{ACCEPT, HeaderMap};
 use serde::Deserialize;
 
 use super::RegistryClient;
@@ -195,32 +195,7 @@ impl RegistryClient {
         reference: &str,
         manifest: &Manifest,
     ) -> Result<bool> {
-        let what = self.what(repo, reference);
-        let url = self.t.url(&format!("/v2/{repo}/manifests/{reference}"));
-        let resp = self
-            .t
-            .send(&what, &Access::Push(repo.into()), || {
-                self.t
-                    .http
-                    .put(&url)
-                    .header(CONTENT_TYPE, manifest.media_type.as_str())
-                    .body(manifest.bytes.clone())
-            })
-            .await?;
-        let resp = check(&what, resp).await?;
-        let headers = resp.headers();
-        if let Some(d) = headers
-            .get("docker-content-digest")
-            .and_then(|v| v.to_str().ok())
-            && d != manifest.digest
-        {
-            return Err(RegistryError::DigestMismatch {
-                digest: manifest.digest.clone(),
-                actual: d.to_string(),
-                expected_size: manifest.bytes.len() as u64,
-                actual_size: manifest.bytes.len() as u64,
-            });
-        }
+        let headers = self.send_manifest(repo, reference, manifest).await?;
         Ok(headers.contains_key(OCI_SUBJECT))
     }
 }
