@@ -2,6 +2,7 @@
 //! layout's tag prefix; uploads are temporary files (directories) or appends (archives).
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use futures_util::FutureExt;
@@ -15,7 +16,8 @@ use crate::registry::digest::sha256_digest;
 use crate::registry::manifest::MAX_MANIFEST_SIZE;
 use crate::registry::reference::is_valid_digest;
 use crate::registry::{
-    BlobStream, Manifest, ManifestHead, MountOutcome, Registry, RegistryError, Result, TagList,
+    BlobStream, Manifest, ManifestHead, Mount, MountOutcome, Registry, RegistryError, Result,
+    TagList, UploadSession,
 };
 
 // One per layout for the life of the process: size does not matter.
@@ -239,15 +241,60 @@ impl Layout {
         })
     }
 
-    async fn mount(&self, digest: &str) -> Result<MountOutcome> {
-        // One blobs/ for every prefix: a blob present for one is present for all.
-        if self.blob_size(digest).await?.is_some() {
+    /// Opens a session (a temporary file); with `mount`, a blob already present needs none:
+    /// one blobs/ for every prefix, so a blob present for one is present for all.
+    async fn begin(self: Arc<Self>, mount: Option<Mount<'_>>) -> Result<MountOutcome> {
+        if let Some(m) = mount
+            && self.blob_size(m.digest).await?.is_some()
+        {
             return Ok(MountOutcome::Mounted);
         }
-        self.sessions()
-            .start_upload()
-            .await
-            .map(MountOutcome::Upload)
+        let location = self.sessions().start_upload().await?;
+        Ok(MountOutcome::Upload(Box::new(LayoutUpload {
+            layout: self,
+            location,
+        })))
+    }
+}
+
+/// An upload session of a layout: a temporary file in its staging directory.
+struct LayoutUpload {
+    layout: Arc<Layout>,
+    location: String,
+}
+
+impl UploadSession for LayoutUpload {
+    fn location(&self) -> &str {
+        &self.location
+    }
+    fn patch(&mut self, offset: u64, len: u64, body: BlobStream) -> BoxFuture<'_, Result<()>> {
+        async move {
+            self.layout
+                .sessions()
+                .write_upload(&self.location, offset, len, body)
+                .await?;
+            Ok(())
+        }
+        .boxed()
+    }
+    fn status(&mut self) -> BoxFuture<'_, Result<u64>> {
+        async move { self.layout.sessions().upload_len(&self.location) }.boxed()
+    }
+    fn finish<'a>(
+        &'a mut self,
+        digest: &'a str,
+        body: Option<(u64, BlobStream)>,
+    ) -> BoxFuture<'a, Result<()>> {
+        match body {
+            Some((size, body)) => self
+                .layout
+                .put_whole(&self.location, digest, size, body)
+                .boxed(),
+            None => self.layout.finish(&self.location, digest).boxed(),
+        }
+    }
+    fn cancel(self: Box<Self>) -> BoxFuture<'static, ()> {
+        async move { self.layout.sessions().cancel_upload(&self.location).await }.boxed()
     }
 }
 
@@ -303,59 +350,11 @@ impl Registry for Layout {
         }
         .boxed()
     }
-    fn start_upload<'a>(&'a self, _repo: &'a str) -> BoxFuture<'a, Result<String>> {
-        self.sessions().start_upload().boxed()
-    }
-    fn mount_blob<'a>(
-        &'a self,
+    fn begin_upload<'a>(
+        self: Arc<Self>,
         _repo: &'a str,
-        digest: &'a str,
-        _from: &'a str,
+        mount: Option<Mount<'a>>,
     ) -> BoxFuture<'a, Result<MountOutcome>> {
-        self.mount(digest).boxed()
-    }
-    fn put_upload<'a>(
-        &'a self,
-        _repo: &'a str,
-        location: &'a str,
-        digest: &'a str,
-        size: u64,
-        body: BlobStream,
-    ) -> BoxFuture<'a, Result<()>> {
-        self.put_whole(location, digest, size, body).boxed()
-    }
-    fn patch_upload<'a>(
-        &'a self,
-        _repo: &'a str,
-        location: &'a str,
-        offset: u64,
-        len: u64,
-        body: BlobStream,
-    ) -> BoxFuture<'a, Result<String>> {
-        async move {
-            self.sessions()
-                .write_upload(location, offset, len, body)
-                .await?;
-            Ok(location.to_string())
-        }
-        .boxed()
-    }
-    fn upload_status<'a>(
-        &'a self,
-        _repo: &'a str,
-        location: &'a str,
-    ) -> BoxFuture<'a, Result<(u64, String)>> {
-        async move { Ok((self.sessions().upload_len(location)?, location.to_string())) }.boxed()
-    }
-    fn finish_upload<'a>(
-        &'a self,
-        _repo: &'a str,
-        location: &'a str,
-        digest: &'a str,
-    ) -> BoxFuture<'a, Result<()>> {
-        self.finish(location, digest).boxed()
-    }
-    fn cancel_upload<'a>(&'a self, _repo: &'a str, location: &'a str) -> BoxFuture<'a, ()> {
-        self.sessions().cancel_upload(location).boxed()
+        self.begin(mount).boxed()
     }
 }

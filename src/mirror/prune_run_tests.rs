@@ -10,7 +10,7 @@ use futures_util::future::BoxFuture;
 use super::*;
 use crate::registry::manifest::OCI_MANIFEST;
 use crate::registry::{
-    BlobStream, Manifest, ManifestHead, MountOutcome, Registry, Result, TagList,
+    BlobStream, Manifest, ManifestHead, Mount, MountOutcome, Registry, Result, TagList,
 };
 use crate::transfer::EngineConfig;
 
@@ -140,50 +140,12 @@ impl Registry for Fake {
     fn get_blob<'a>(&'a self, _: &'a str, _: &'a str, _: u64) -> BoxFuture<'a, Result<BlobStream>> {
         unused()
     }
-    fn start_upload<'a>(&'a self, _: &'a str) -> BoxFuture<'a, Result<String>> {
-        unused()
-    }
-    fn mount_blob<'a>(
-        &'a self,
+    fn begin_upload<'a>(
+        self: Arc<Self>,
         _: &'a str,
-        _: &'a str,
-        _: &'a str,
+        _: Option<Mount<'a>>,
     ) -> BoxFuture<'a, Result<MountOutcome>> {
         unused()
-    }
-    fn put_upload<'a>(
-        &'a self,
-        _: &'a str,
-        _: &'a str,
-        _: &'a str,
-        _: u64,
-        _: BlobStream,
-    ) -> BoxFuture<'a, Result<()>> {
-        unused()
-    }
-    fn patch_upload<'a>(
-        &'a self,
-        _: &'a str,
-        _: &'a str,
-        _: u64,
-        _: u64,
-        _: BlobStream,
-    ) -> BoxFuture<'a, Result<String>> {
-        unused()
-    }
-    fn upload_status<'a>(&'a self, _: &'a str, _: &'a str) -> BoxFuture<'a, Result<(u64, String)>> {
-        unused()
-    }
-    fn finish_upload<'a>(
-        &'a self,
-        _: &'a str,
-        _: &'a str,
-        _: &'a str,
-    ) -> BoxFuture<'a, Result<()>> {
-        unused()
-    }
-    fn cancel_upload<'a>(&'a self, _: &'a str, _: &'a str) -> BoxFuture<'a, ()> {
-        async {}.boxed()
     }
     fn delete_manifest<'a>(&'a self, _: &'a str, reference: &'a str) -> BoxFuture<'a, Result<()>> {
         let r = self.delete(reference);

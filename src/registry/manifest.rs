@@ -342,7 +342,9 @@ impl RegistryClient {
         reference: &str,
         manifest: &Manifest,
     ) -> Result<()> {
-        self.send_manifest(repo, reference, manifest).await.map(drop)
+        self.send_manifest(repo, reference, manifest)
+            .await
+            .map(drop)
     }
 
     /// PUTs a manifest and checks the digest the registry says it stored; returns the answer's

@@ -17,6 +17,8 @@ mod upload;
 #[cfg(test)]
 mod parser_props;
 
+use std::sync::Arc;
+
 use bytes::Bytes;
 use futures_util::FutureExt;
 use futures_util::future::BoxFuture;
@@ -29,7 +31,7 @@ pub use manifest::{Descriptor, Manifest, ManifestHead, Parsed, TagList};
 pub use reference::Repository;
 pub use referrers::{Referrer, ReferrerList};
 pub use transport::RegistryOptions;
-pub use upload::MountOutcome;
+pub use upload::{Mount, MountOutcome, UploadSession};
 
 /// A stream of blob bytes.
 pub type BlobStream = BoxStream<'static, Result<Bytes>>;
@@ -73,48 +75,15 @@ pub trait Registry: Send + Sync {
         digest: &'a str,
         offset: u64,
     ) -> BoxFuture<'a, Result<BlobStream>>;
-    /// Open an upload session.
-    fn start_upload<'a>(&'a self, repo: &'a str) -> BoxFuture<'a, Result<String>>;
-    /// Mount `digest` from repository `from` of the same registry.
-    fn mount_blob<'a>(
-        &'a self,
+    /// Opens an upload session in `repo`. With `mount`, asks first to link the blob from
+    /// another repository of the same registry: [`MountOutcome::Mounted`] when it did, else
+    /// the session it opened instead. Takes the registry by `Arc` because the session lives
+    /// on its own (a transfer keeps it across attempts, and cancels it when dropped).
+    fn begin_upload<'a>(
+        self: Arc<Self>,
         repo: &'a str,
-        digest: &'a str,
-        from: &'a str,
+        mount: Option<Mount<'a>>,
     ) -> BoxFuture<'a, Result<MountOutcome>>;
-    /// Upload a whole blob in one PUT and close the session.
-    fn put_upload<'a>(
-        &'a self,
-        repo: &'a str,
-        location: &'a str,
-        digest: &'a str,
-        size: u64,
-        body: BlobStream,
-    ) -> BoxFuture<'a, Result<()>>;
-    /// Upload one chunk; returns the next location.
-    fn patch_upload<'a>(
-        &'a self,
-        repo: &'a str,
-        location: &'a str,
-        offset: u64,
-        len: u64,
-        body: BlobStream,
-    ) -> BoxFuture<'a, Result<String>>;
-    /// How far a session got, and its location.
-    fn upload_status<'a>(
-        &'a self,
-        repo: &'a str,
-        location: &'a str,
-    ) -> BoxFuture<'a, Result<(u64, String)>>;
-    /// Close a chunked session under `digest`.
-    fn finish_upload<'a>(
-        &'a self,
-        repo: &'a str,
-        location: &'a str,
-        digest: &'a str,
-    ) -> BoxFuture<'a, Result<()>>;
-    /// Abandon a session (best effort).
-    fn cancel_upload<'a>(&'a self, repo: &'a str, location: &'a str) -> BoxFuture<'a, ()>;
     /// The referrers of `digest` by the OCI 1.1 referrers API, filtered by `artifact_type`
     /// when the registry applies filters; `None` when the registry does not serve the API.
     /// The default is a registry without the API.
@@ -243,54 +212,12 @@ impl Registry for RegistryClient {
     ) -> BoxFuture<'a, Result<BlobStream>> {
         RegistryClient::get_blob(self, repo, digest, offset).boxed()
     }
-    fn start_upload<'a>(&'a self, repo: &'a str) -> BoxFuture<'a, Result<String>> {
-        RegistryClient::start_upload(self, repo).boxed()
-    }
-    fn mount_blob<'a>(
-        &'a self,
+    fn begin_upload<'a>(
+        self: Arc<Self>,
         repo: &'a str,
-        digest: &'a str,
-        from: &'a str,
+        mount: Option<Mount<'a>>,
     ) -> BoxFuture<'a, Result<MountOutcome>> {
-        RegistryClient::mount_blob(self, repo, digest, from).boxed()
-    }
-    fn put_upload<'a>(
-        &'a self,
-        repo: &'a str,
-        location: &'a str,
-        digest: &'a str,
-        size: u64,
-        body: BlobStream,
-    ) -> BoxFuture<'a, Result<()>> {
-        RegistryClient::put_upload(self, repo, location, digest, size, body).boxed()
-    }
-    fn patch_upload<'a>(
-        &'a self,
-        repo: &'a str,
-        location: &'a str,
-        offset: u64,
-        len: u64,
-        body: BlobStream,
-    ) -> BoxFuture<'a, Result<String>> {
-        RegistryClient::patch_upload(self, repo, location, offset, len, body).boxed()
-    }
-    fn upload_status<'a>(
-        &'a self,
-        repo: &'a str,
-        location: &'a str,
-    ) -> BoxFuture<'a, Result<(u64, String)>> {
-        RegistryClient::upload_status(self, repo, location).boxed()
-    }
-    fn finish_upload<'a>(
-        &'a self,
-        repo: &'a str,
-        location: &'a str,
-        digest: &'a str,
-    ) -> BoxFuture<'a, Result<()>> {
-        RegistryClient::finish_upload(self, repo, location, digest).boxed()
-    }
-    fn cancel_upload<'a>(&'a self, repo: &'a str, location: &'a str) -> BoxFuture<'a, ()> {
-        RegistryClient::cancel_upload(self, repo, location).boxed()
+        RegistryClient::begin_upload(self, repo, mount).boxed()
     }
     fn referrers<'a>(
         &'a self,

@@ -1,5 +1,11 @@
-//! Blob uploads: sessions, monolithic and chunked PUT/PATCH, status for resume, mounts, cancel.
+//! Blob uploads: an [`UploadSession`] owns one session at the registry (containerd's
+//! `content.Writer`): chunks (PATCH), status for resume, the committing PUT (with the whole
+//! body, or closing a chunked session) and cancel (DELETE). Mounts open one when refused.
 
+use std::sync::Arc;
+
+use futures_util::FutureExt;
+use futures_util::future::BoxFuture;
 use reqwest::StatusCode;
 use reqwest::header::{CONTENT_LENGTH, CONTENT_RANGE, CONTENT_TYPE, LOCATION, RANGE};
 
@@ -7,16 +13,126 @@ use super::error::{RegistryError, Result};
 use super::transport::{Access, check};
 use super::{BlobStream, RegistryClient};
 
-/// The answer to a mount request.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// A blob to link from another repository of the same registry instead of uploading it.
+#[derive(Clone, Copy, Debug)]
+pub struct Mount<'a> {
+    /// The blob's digest.
+    pub digest: &'a str,
+    /// The repository that holds it.
+    pub from: &'a str,
+}
+
+/// What [`super::Registry::begin_upload`] got.
 pub enum MountOutcome {
-    /// The registry linked the blob; nothing to upload.
+    /// The registry linked the blob (a mount was asked for); nothing to upload.
     Mounted,
-    /// The registry did not mount and opened an upload session at this location instead.
-    Upload(String),
+    /// An upload session is open (no mount was asked for, or the registry declined it).
+    Upload(Box<dyn UploadSession>),
+}
+
+impl std::fmt::Debug for MountOutcome {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            MountOutcome::Mounted => f.write_str("Mounted"),
+            MountOutcome::Upload(s) => f.debug_tuple("Upload").field(&s.location()).finish(),
+        }
+    }
+}
+
+/// One open upload session: the bytes of one blob on their way into a repository. It follows
+/// the location the registry gives with each answer (distribution signs the session's offset
+/// into it and refuses older ones). Dropping it leaves the session to the registry's purge:
+/// call [`UploadSession::cancel`] to free it now.
+pub trait UploadSession: Send + Sync {
+    /// Where the session is now, for messages.
+    fn location(&self) -> &str;
+    /// Sends `len` bytes of `body` that start at `offset` of the blob (PATCH).
+    fn patch(&mut self, offset: u64, len: u64, body: BlobStream) -> BoxFuture<'_, Result<()>>;
+    /// How many bytes the session holds, asked of the registry (for resuming).
+    fn status(&mut self) -> BoxFuture<'_, Result<u64>>;
+    /// Commits the session as `digest`: with `body` (its length and bytes), the whole blob in
+    /// one PUT; without, closing a session whose bytes went up in chunks. On an error the
+    /// session may still be open.
+    fn finish<'a>(
+        &'a mut self,
+        digest: &'a str,
+        body: Option<(u64, BlobStream)>,
+    ) -> BoxFuture<'a, Result<()>>;
+    /// Abandons the session so the registry can free what it holds (best effort).
+    fn cancel(self: Box<Self>) -> BoxFuture<'static, ()>;
+}
+
+/// An upload session of a [`RegistryClient`].
+struct ClientUpload {
+    client: Arc<RegistryClient>,
+    repo: String,
+    location: String,
+}
+
+impl UploadSession for ClientUpload {
+    fn location(&self) -> &str {
+        &self.location
+    }
+    fn patch(&mut self, offset: u64, len: u64, body: BlobStream) -> BoxFuture<'_, Result<()>> {
+        async move {
+            self.location = self
+                .client
+                .patch_upload(&self.repo, &self.location, offset, len, body)
+                .await?;
+            Ok(())
+        }
+        .boxed()
+    }
+    fn status(&mut self) -> BoxFuture<'_, Result<u64>> {
+        async move {
+            let (held, next) = self
+                .client
+                .upload_status(&self.repo, &self.location)
+                .await?;
+            self.location = next;
+            Ok(held)
+        }
+        .boxed()
+    }
+    fn finish<'a>(
+        &'a mut self,
+        digest: &'a str,
+        body: Option<(u64, BlobStream)>,
+    ) -> BoxFuture<'a, Result<()>> {
+        let (client, repo, location) = (&self.client, &self.repo, &self.location);
+        match body {
+            Some((size, body)) => client
+                .put_upload(repo, location, digest, size, body)
+                .boxed(),
+            None => client.finish_upload(repo, location, digest).boxed(),
+        }
+    }
+    fn cancel(self: Box<Self>) -> BoxFuture<'static, ()> {
+        async move { self.client.cancel_upload(&self.repo, &self.location).await }.boxed()
+    }
 }
 
 impl RegistryClient {
+    /// Opens an upload session in `repo`, mounting `mount` instead when the registry will.
+    pub async fn begin_upload(
+        self: Arc<Self>,
+        repo: &str,
+        mount: Option<Mount<'_>>,
+    ) -> Result<MountOutcome> {
+        let location = match mount {
+            Some(m) => match self.mount_blob(repo, m.digest, m.from).await? {
+                Some(location) => location,
+                None => return Ok(MountOutcome::Mounted),
+            },
+            None => self.start_upload(repo).await?,
+        };
+        Ok(MountOutcome::Upload(Box::new(ClientUpload {
+            client: self,
+            repo: repo.to_string(),
+            location,
+        })))
+    }
+
     fn location(&self, what: &str, resp: &reqwest::Response) -> Result<String> {
         let location = resp
             .headers()
@@ -33,7 +149,7 @@ impl RegistryClient {
     }
 
     /// Opens an upload session; returns its location.
-    pub async fn start_upload(&self, repo: &str) -> Result<String> {
+    async fn start_upload(&self, repo: &str) -> Result<String> {
         let what = format!("{}/{repo} (upload)", self.t.host);
         let url = self.t.url(&format!("/v2/{repo}/blobs/uploads/"));
         let resp = self
@@ -46,8 +162,9 @@ impl RegistryClient {
         self.location(&what, &resp)
     }
 
-    /// Asks the registry to link `digest` from repository `from` of the same registry.
-    pub async fn mount_blob(&self, repo: &str, digest: &str, from: &str) -> Result<MountOutcome> {
+    /// Asks the registry to link `digest` from repository `from` of the same registry; `None`
+    /// when it did, else the location of the session it opened instead.
+    async fn mount_blob(&self, repo: &str, digest: &str, from: &str) -> Result<Option<String>> {
         let what = self.what(repo, digest);
         let url = self.t.url(&format!("/v2/{repo}/blobs/uploads/"));
         let access = Access::Mount {
@@ -66,14 +183,14 @@ impl RegistryClient {
             .await?;
         let resp = check(&what, resp).await?;
         if resp.status() == StatusCode::CREATED {
-            Ok(MountOutcome::Mounted)
+            Ok(None)
         } else {
-            Ok(MountOutcome::Upload(self.location(&what, &resp)?))
+            Ok(Some(self.location(&what, &resp)?))
         }
     }
 
     /// Uploads `size` bytes of `body` and closes the session under `digest` in one PUT.
-    pub async fn put_upload(
+    async fn put_upload(
         &self,
         repo: &str,
         location: &str,
@@ -106,7 +223,7 @@ impl RegistryClient {
     }
 
     /// Sends one chunk of `len` bytes starting at `offset`; returns the session's next location.
-    pub async fn patch_upload(
+    async fn patch_upload(
         &self,
         repo: &str,
         location: &str,
@@ -138,7 +255,7 @@ impl RegistryClient {
     }
 
     /// How many bytes the session holds (from its `Range: 0-N`), and its current location.
-    pub async fn upload_status(&self, repo: &str, location: &str) -> Result<(u64, String)> {
+    async fn upload_status(&self, repo: &str, location: &str) -> Result<(u64, String)> {
         let what = format!("{}/{repo} (upload status)", self.t.host);
         let resp = self
             .t
@@ -160,7 +277,7 @@ impl RegistryClient {
     }
 
     /// Closes a chunked session under `digest` (PUT without body).
-    pub async fn finish_upload(&self, repo: &str, location: &str, digest: &str) -> Result<()> {
+    async fn finish_upload(&self, repo: &str, location: &str, digest: &str) -> Result<()> {
         let what = self.what(repo, digest);
         let url = with_digest(location, digest, &what)?;
         let resp = self
@@ -174,7 +291,7 @@ impl RegistryClient {
     }
 
     /// Abandons a session so the registry can free what it holds. Best effort.
-    pub async fn cancel_upload(&self, repo: &str, location: &str) {
+    async fn cancel_upload(&self, repo: &str, location: &str) {
         let what = format!("{}/{repo} (cancel upload)", self.t.host);
         let result = self
             .t

@@ -15,7 +15,7 @@ use super::verify::{FailureSlot, Verify};
 use super::{BlobOutcome, BlobRequest, BlobState, Engine, TransferError};
 use super::{chunked, watchdog};
 use crate::registry::digest::Hasher;
-use crate::registry::{BlobStream, MountOutcome, Registry, RegistryError};
+use crate::registry::{BlobStream, Mount, MountOutcome, UploadSession};
 
 /// Runs the transfer under the engine's limits and retry policy.
 pub(super) async fn run(
@@ -29,13 +29,21 @@ pub(super) async fn run(
         // A mount is one request that moves no bytes: tried before queueing for transfer
         // permits, so a tag whose layers a sibling holds does not wait behind byte copies.
         // No HEAD first: mounting a blob the repository already has succeeds too.
-        let (dst, repo) = (&req.destination, req.destination_repo.as_str());
+        let dst = &req.destination;
         let _permit = engine.mount_permit(dst.host()).await;
-        match dst.mount_blob(repo, &req.digest, from).await {
+        let mount = Mount {
+            digest: &req.digest,
+            from,
+        };
+        match dst
+            .clone()
+            .begin_upload(&req.destination_repo, Some(mount))
+            .await
+        {
             Ok(MountOutcome::Mounted) => return Ok(BlobOutcome::Mounted),
-            Ok(MountOutcome::Upload(location)) => {
+            Ok(MountOutcome::Upload(session)) => {
                 // Refused: copy the bytes under the usual limits, without asking again.
-                dst.cancel_upload(repo, &location).await;
+                session.cancel().await;
                 mount_from = None;
             }
             Err(e) if !e.is_retryable() => mount_from = None,
@@ -45,7 +53,7 @@ pub(super) async fn run(
     }
     // Outlives the attempts, so a chunked upload can continue in the next one; dropped with
     // this future when the transfer is aborted, which cancels the session.
-    let session = Mutex::new(Session::new(req.destination.clone(), &req.destination_repo));
+    let session = Mutex::new(Session::default());
     let sent = Arc::new(AtomicU64::new(0));
     let chunk = (req.size > engine.config().chunked_threshold).then(|| engine.chunk_size());
     let blind = req.likely_absent
@@ -153,12 +161,11 @@ async fn move_bytes(
         } else {
             (open_session(req, mount_from).await?, None)
         };
-        let location = match opened {
-            Opened::Mounted => return Ok(BlobOutcome::Mounted),
-            Opened::Session(location) => location,
+        let upload = match opened {
+            MountOutcome::Mounted => return Ok(BlobOutcome::Mounted),
+            MountOutcome::Upload(upload) => session.open(upload),
         };
-        session.open(location.clone());
-        let result = put_whole(req, &location, source, sent, tx).await;
+        let result = put_whole(req, upload, source, sent, tx).await;
         // A PUT cut short cannot be continued: its session goes either way.
         match result {
             Ok(_) => session.close(),
@@ -170,53 +177,40 @@ async fn move_bytes(
         Some(offset) => offset,
         None => {
             match open_session(req, mount_from).await? {
-                Opened::Mounted => return Ok(BlobOutcome::Mounted),
-                Opened::Session(location) => session.open(location),
-            }
+                MountOutcome::Mounted => return Ok(BlobOutcome::Mounted),
+                MountOutcome::Upload(upload) => session.open(upload),
+            };
             0
         }
     };
     chunked::upload(req, session, offset, chunk, sent, tx).await
 }
 
-enum Opened {
-    Mounted,
-    Session(String),
-}
-
 /// Mounts from `mount_from` when given, else (or when the registry will not) opens a session.
 async fn open_session(
     req: &BlobRequest,
     mount_from: Option<&str>,
-) -> Result<Opened, TransferError> {
-    open_or_mount(req, mount_from)
-        .await
-        .map_err(|e| TransferError::destination(req, e))
-}
-
-async fn open_or_mount(
-    req: &BlobRequest,
-    mount_from: Option<&str>,
-) -> Result<Opened, RegistryError> {
+) -> Result<MountOutcome, TransferError> {
     let (dst, repo) = (&req.destination, req.destination_repo.as_str());
-    let location = match mount_from {
-        Some(from) => match dst.mount_blob(repo, &req.digest, from).await {
-            Ok(MountOutcome::Mounted) => return Ok(Opened::Mounted),
-            Ok(MountOutcome::Upload(location)) => location,
-            // A mount the registry will not do (no read access to `from`, say) is not the
-            // blob's failure: copy it instead.
-            Err(e) if !e.is_retryable() => dst.start_upload(repo).await?,
-            Err(e) => return Err(e),
-        },
-        None => dst.start_upload(repo).await?,
+    let mount = mount_from.map(|from| Mount {
+        digest: &req.digest,
+        from,
+    });
+    let begun = match dst.clone().begin_upload(repo, mount).await {
+        // A mount the registry will not do (no read access to `from`, say) is not the
+        // blob's failure: copy it instead.
+        Err(e) if mount.is_some() && !e.is_retryable() => {
+            dst.clone().begin_upload(repo, None).await
+        }
+        begun => begun,
     };
-    Ok(Opened::Session(location))
+    begun.map_err(|e| TransferError::destination(req, e))
 }
 
 /// Streams the whole blob through a verifying hash into one PUT; `source` when already asked for.
 async fn put_whole(
     req: &BlobRequest,
-    location: &str,
+    upload: &mut dyn UploadSession,
     source: Option<Result<BlobStream, TransferError>>,
     sent: &Arc<AtomicU64>,
     tx: &Arc<watch::Sender<BlobState>>,
@@ -244,11 +238,7 @@ async fn put_whole(
             progress.send_replace(BlobState::Copying { done, total });
         })
         .boxed();
-    match req
-        .destination
-        .put_upload(&req.destination_repo, location, digest, req.size, body)
-        .await
-    {
+    match upload.finish(digest, Some((req.size, body))).await {
         Ok(()) => Ok(BlobOutcome::Copied {
             bytes_sent: sent.load(Ordering::Relaxed),
         }),
@@ -259,42 +249,33 @@ async fn put_whole(
     }
 }
 
-/// Our upload session at the destination, if one is open: where it is and what it is known
-/// to hold. Dropped while open (the transfer was aborted), it is DELETEd in the background.
+/// Our upload session at the destination, if one is open, and what it is known to hold.
+/// Dropped while open (the transfer was aborted), it is DELETEd in the background.
+#[derive(Default)]
 pub(super) struct Session {
-    dst: Arc<dyn Registry>,
-    repo: String,
     open: Option<Open>,
 }
 
-struct Open {
-    /// The latest location the registry gave: distribution signs the session's offset into it
-    /// and refuses older ones.
-    location: String,
+pub(super) struct Open {
+    /// The registry's session; it follows the locations the registry gives.
+    pub(super) upload: Box<dyn UploadSession>,
     /// Hash of the bytes the session is known to hold; its length is their count.
-    held: Hasher,
+    pub(super) held: Hasher,
 }
 
 impl Session {
-    fn new(dst: Arc<dyn Registry>, repo: &str) -> Self {
-        Session {
-            dst,
-            repo: repo.to_string(),
-            open: None,
-        }
-    }
-
-    /// Records a new, empty session.
-    pub(super) fn open(&mut self, location: String) {
-        self.open = Some(Open {
-            location,
+    /// Keeps a new, empty session; returns it.
+    pub(super) fn open(&mut self, upload: Box<dyn UploadSession>) -> &mut dyn UploadSession {
+        let open = self.open.insert(Open {
+            upload,
             held: Hasher::new(),
         });
+        open.upload.as_mut()
     }
 
-    /// The session's current location, when one is open.
-    pub(super) fn location(&self) -> Option<&str> {
-        self.open.as_ref().map(|o| o.location.as_str())
+    /// The open session, if any.
+    pub(super) fn current(&mut self) -> Option<&mut Open> {
+        self.open.as_mut()
     }
 
     /// Hash of the bytes the session is known to hold (empty when none is open).
@@ -305,18 +286,6 @@ impl Session {
             .unwrap_or_default()
     }
 
-    /// The session holds the bytes `held` has seen and now lives at `location`.
-    pub(super) fn advance(&mut self, location: String, held: Hasher) {
-        self.open = Some(Open { location, held });
-    }
-
-    /// The session moved to `location` (a status answer), holding what it held.
-    pub(super) fn relocate(&mut self, location: String) {
-        if let Some(o) = self.open.as_mut() {
-            o.location = location;
-        }
-    }
-
     /// The blob was committed: the session is gone, nothing to cancel.
     pub(super) fn close(&mut self) {
         self.open = None;
@@ -325,7 +294,7 @@ impl Session {
     /// DELETEs the session now (best effort).
     pub(super) async fn cancel(&mut self) {
         if let Some(o) = self.open.take() {
-            self.dst.cancel_upload(&self.repo, &o.location).await;
+            o.upload.cancel().await;
         }
     }
 }
@@ -340,8 +309,7 @@ impl Drop for Session {
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             return;
         };
-        let (dst, repo) = (self.dst.clone(), std::mem::take(&mut self.repo));
-        tracing::debug!(repository = %repo, "cancelling the upload session of an aborted transfer");
-        runtime.spawn(async move { dst.cancel_upload(&repo, &open.location).await });
+        tracing::debug!("cancelling the upload session of an aborted transfer");
+        runtime.spawn(open.upload.cancel());
     }
 }

@@ -43,21 +43,16 @@ pub(super) async fn resume_offset(
     req: &BlobRequest,
     session: &mut Session,
 ) -> Result<Option<u64>, TransferError> {
-    let Some(location) = session.location().map(str::to_string) else {
+    let Some(open) = session.current() else {
         return Ok(None);
     };
-    let known = session.held().len();
-    match req
-        .destination
-        .upload_status(&req.destination_repo, &location)
-        .await
-    {
-        Ok((offset, next)) if offset <= req.size => {
+    let known = open.held.len();
+    match open.upload.status().await {
+        Ok(offset) if offset <= req.size => {
             tracing::debug!(digest = %req.digest, offset, known, "resuming the upload session");
-            session.relocate(next);
             Ok(Some(offset))
         }
-        Ok((offset, _)) => {
+        Ok(offset) => {
             tracing::debug!(digest = %req.digest, offset, size = req.size, "upload session holds more than the blob; starting over");
             session.cancel().await;
             Ok(None)
@@ -93,14 +88,14 @@ pub(super) async fn upload(
     let from_source = |e| TransferError::source(req, e);
     let mut source = Source::open(req, base).await.map_err(from_source)?;
     source.skip_to(offset).await.map_err(from_source)?;
-    let Some(mut location) = session.location().map(str::to_string) else {
+    let Some(open) = session.current() else {
         return Err(TransferError::UploadSessionLost {
             digest: req.digest.clone(),
             repo: error::destination(req),
             detail: "no upload session is open".into(),
         });
     };
-    session.advance(location.clone(), source.hasher.clone());
+    open.held = source.hasher.clone();
     let total = req.size;
     tx.send_replace(BlobState::Copying {
         done: offset,
@@ -117,12 +112,8 @@ pub(super) async fn upload(
             done += n;
             progress.send_replace(BlobState::Copying { done, total });
         });
-        match req
-            .destination
-            .patch_upload(&req.destination_repo, &location, at, len, body)
-            .await
-        {
-            Ok(next) => {
+        match open.upload.patch(at, len, body).await {
+            Ok(()) => {
                 // The registry took all `len` bytes, so the body handed the source back.
                 source = back.await.map_err(|_| TransferError::ChunkNotConsumed {
                     digest: req.digest.clone(),
@@ -130,8 +121,7 @@ pub(super) async fn upload(
                     offset: at,
                 })?;
                 at += len;
-                location = next;
-                session.advance(location.clone(), source.hasher.clone());
+                open.held = source.hasher.clone();
             }
             // The session keeps the last acknowledged chunk for the next attempt.
             Err(e) => {
@@ -146,11 +136,7 @@ pub(super) async fn upload(
         }
         return Err(e);
     }
-    if let Err(e) = req
-        .destination
-        .finish_upload(&req.destination_repo, &location, &req.digest)
-        .await
-    {
+    if let Err(e) = open.upload.finish(&req.digest, None).await {
         return Err(lost_session(req, session, TransferError::destination(req, e)).await);
     }
     session.close();

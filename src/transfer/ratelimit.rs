@@ -14,8 +14,8 @@ use futures_util::future::BoxFuture;
 use tokio::time::Instant;
 
 use crate::registry::{
-    BlobStream, Manifest, ManifestHead, MountOutcome, ReferrerList, Registry, RegistryError,
-    Result, TagList,
+    BlobStream, Manifest, ManifestHead, Mount, MountOutcome, ReferrerList, Registry, RegistryError,
+    Result, TagList, UploadSession,
 };
 
 /// A request rate for one registry host.
@@ -173,13 +173,7 @@ impl<R: Registry + ?Sized> RateLimited<R> {
         &'a self,
         request: BoxFuture<'a, Result<T>>,
     ) -> BoxFuture<'a, Result<T>> {
-        async move {
-            self.bucket.acquire().await;
-            let result = request.await;
-            self.bucket.learn(self.inner.host(), &result, 1);
-            result
-        }
-        .boxed()
+        self.bucket.paced(self.inner.host(), request)
     }
 
     /// Like [`Self::paced`] for a request that can be sent again (no streamed body): a `429`
@@ -190,21 +184,121 @@ impl<R: Registry + ?Sized> RateLimited<R> {
         make: impl Fn() -> BoxFuture<'a, Result<T>> + Send + 'a,
     ) -> BoxFuture<'a, Result<T>> {
         async move {
-            let started = Instant::now();
-            let mut throttled = 0u32;
+            let mut again = Again::new();
             loop {
                 self.bucket.acquire().await;
                 let result = make().await;
-                throttled += 1;
-                match self.bucket.learn(self.inner.host(), &result, throttled) {
-                    // Requests throttled together wait for the same moment, the end of the
-                    // pause in effect when their 429 came; later 429s do not hold them longer.
-                    Some(until) if until < started + self.bucket.patience => {
-                        tokio::time::sleep_until(until).await;
-                    }
-                    _ => return result,
+                match again.until(&self.bucket, self.inner.host(), &result) {
+                    Some(until) => tokio::time::sleep_until(until).await,
+                    None => return result,
                 }
             }
+        }
+        .boxed()
+    }
+}
+
+impl Bucket {
+    /// Runs one request in its turn and learns from a 429 (see [`Bucket::learn`]).
+    fn paced<'a, T: Send + 'a>(
+        &'a self,
+        host: &'a str,
+        request: BoxFuture<'a, Result<T>>,
+    ) -> BoxFuture<'a, Result<T>> {
+        async move {
+            self.acquire().await;
+            let result = request.await;
+            self.learn(host, &result, 1);
+            result
+        }
+        .boxed()
+    }
+}
+
+/// The throttled answers of one request that is sent again (see `paced_again`).
+struct Again {
+    started: Instant,
+    throttled: u32,
+}
+
+impl Again {
+    fn new() -> Self {
+        Again {
+            started: Instant::now(),
+            throttled: 0,
+        }
+    }
+
+    /// Learns from `result`; when it was throttled and the bucket's patience allows, the
+    /// moment to send the request again. `None`: `result` stands.
+    fn until<T>(&mut self, bucket: &Bucket, host: &str, result: &Result<T>) -> Option<Instant> {
+        self.throttled += 1;
+        // Requests throttled together wait for the same moment, the end of the pause in
+        // effect when their 429 came; later 429s do not hold them longer.
+        bucket
+            .learn(host, result, self.throttled)
+            .filter(|until| *until < self.started + bucket.patience)
+    }
+}
+
+/// An upload session whose every request takes its turn in the host's bucket, as the
+/// [`RateLimited`] registry that opened it: chunks and whole-blob PUTs (streamed bodies) once,
+/// status and the closing PUT again after a throttled answer.
+struct PacedUpload {
+    inner: Box<dyn UploadSession>,
+    bucket: Arc<Bucket>,
+    host: String,
+}
+
+impl UploadSession for PacedUpload {
+    fn location(&self) -> &str {
+        self.inner.location()
+    }
+    fn patch(&mut self, offset: u64, len: u64, body: BlobStream) -> BoxFuture<'_, Result<()>> {
+        self.bucket
+            .paced(&self.host, self.inner.patch(offset, len, body))
+    }
+    fn status(&mut self) -> BoxFuture<'_, Result<u64>> {
+        async move {
+            let mut again = Again::new();
+            loop {
+                self.bucket.acquire().await;
+                let result = self.inner.status().await;
+                match again.until(&self.bucket, &self.host, &result) {
+                    Some(until) => tokio::time::sleep_until(until).await,
+                    None => return result,
+                }
+            }
+        }
+        .boxed()
+    }
+    fn finish<'a>(
+        &'a mut self,
+        digest: &'a str,
+        body: Option<(u64, BlobStream)>,
+    ) -> BoxFuture<'a, Result<()>> {
+        match body {
+            body @ Some(_) => self
+                .bucket
+                .paced(&self.host, self.inner.finish(digest, body)),
+            None => async move {
+                let mut again = Again::new();
+                loop {
+                    self.bucket.acquire().await;
+                    let result = self.inner.finish(digest, None).await;
+                    match again.until(&self.bucket, &self.host, &result) {
+                        Some(until) => tokio::time::sleep_until(until).await,
+                        None => return result,
+                    }
+                }
+            }
+            .boxed(),
+        }
+    }
+    fn cancel(self: Box<Self>) -> BoxFuture<'static, ()> {
+        async move {
+            self.bucket.acquire().await;
+            self.inner.cancel().await;
         }
         .boxed()
     }
@@ -237,7 +331,7 @@ impl Bucket {
     }
 }
 
-impl<R: Registry + ?Sized> Registry for RateLimited<R> {
+impl<R: Registry + ?Sized + 'static> Registry for RateLimited<R> {
     fn host(&self) -> &str {
         self.inner.host()
     }
@@ -281,56 +375,23 @@ impl<R: Registry + ?Sized> Registry for RateLimited<R> {
     ) -> BoxFuture<'a, Result<BlobStream>> {
         self.paced_again(move || self.inner.get_blob(repo, digest, offset))
     }
-    fn start_upload<'a>(&'a self, repo: &'a str) -> BoxFuture<'a, Result<String>> {
-        self.paced_again(move || self.inner.start_upload(repo))
-    }
-    fn mount_blob<'a>(
-        &'a self,
+    fn begin_upload<'a>(
+        self: Arc<Self>,
         repo: &'a str,
-        digest: &'a str,
-        from: &'a str,
+        mount: Option<Mount<'a>>,
     ) -> BoxFuture<'a, Result<MountOutcome>> {
-        self.paced_again(move || self.inner.mount_blob(repo, digest, from))
-    }
-    fn put_upload<'a>(
-        &'a self,
-        repo: &'a str,
-        location: &'a str,
-        digest: &'a str,
-        size: u64,
-        body: BlobStream,
-    ) -> BoxFuture<'a, Result<()>> {
-        self.paced(self.inner.put_upload(repo, location, digest, size, body))
-    }
-    fn patch_upload<'a>(
-        &'a self,
-        repo: &'a str,
-        location: &'a str,
-        offset: u64,
-        len: u64,
-        body: BlobStream,
-    ) -> BoxFuture<'a, Result<String>> {
-        self.paced(self.inner.patch_upload(repo, location, offset, len, body))
-    }
-    fn upload_status<'a>(
-        &'a self,
-        repo: &'a str,
-        location: &'a str,
-    ) -> BoxFuture<'a, Result<(u64, String)>> {
-        self.paced_again(move || self.inner.upload_status(repo, location))
-    }
-    fn finish_upload<'a>(
-        &'a self,
-        repo: &'a str,
-        location: &'a str,
-        digest: &'a str,
-    ) -> BoxFuture<'a, Result<()>> {
-        self.paced_again(move || self.inner.finish_upload(repo, location, digest))
-    }
-    fn cancel_upload<'a>(&'a self, repo: &'a str, location: &'a str) -> BoxFuture<'a, ()> {
         async move {
-            self.bucket.acquire().await;
-            self.inner.cancel_upload(repo, location).await;
+            let begun = self
+                .paced_again(|| self.inner.clone().begin_upload(repo, mount))
+                .await?;
+            Ok(match begun {
+                MountOutcome::Upload(inner) => MountOutcome::Upload(Box::new(PacedUpload {
+                    inner,
+                    bucket: self.bucket.clone(),
+                    host: self.inner.host().to_string(),
+                })),
+                MountOutcome::Mounted => MountOutcome::Mounted,
+            })
         }
         .boxed()
     }
