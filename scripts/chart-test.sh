@@ -397,7 +397,8 @@ def c_pod(f):
         expect(labels.get(k) == v, f"pod template lacks selector label {k}={v}")
     for k in ("app.kubernetes.io/name", "app.kubernetes.io/instance", "app.kubernetes.io/version", "app.kubernetes.io/managed-by"):
         expect(k in dep["metadata"].get("labels", {}), f"Deployment lacks label {k}")
-    for f_ in ("--concurrency", "--registry-concurrency", "--log-format", "--log-level"):
+    for f_ in ("--concurrency", "--registry-concurrency", "--log-format", "--log-level",
+               "--throttle-timeout", "--stall-window", "--stall-min-bytes"):
         expect(len(flag_values(docs, f_)) == 1, f"{f_} not passed exactly once: {a}")
     expect(flag_values(docs, "--ca-file") == [], "--ca-file passed although extraCABundle is disabled")
     expect(flag_values(docs, "--rate-limit") == [], "--rate-limit passed although rateLimit is null")
@@ -630,11 +631,13 @@ check "helm template: ServiceMonitor, json logs, custom limits" render "$R_SM" \
   --set metrics.serviceMonitor.enabled=true --set metrics.serviceMonitor.interval=1m \
   --set metrics.serviceMonitor.labels.release=prometheus --set logFormat=json --set logLevel=debug \
   --set concurrency=16 --set registryConcurrency=2 --set metrics.port=9090 \
-  --set chunkedThreshold=128MiB --set chunkSize=32MiB --set-json rateLimit=2.5
+  --set chunkedThreshold=128MiB --set chunkSize=32MiB --set-json rateLimit=2.5 \
+  --set throttleTimeout=30m --set stallWindow=2m --set stallMinBytes=4KiB
 check "ServiceMonitor selects the metrics Service" assert servicemonitor "$R_SM" 1m release=prometheus
 check "values reach the flags" assert values "$R_SM" \
   --concurrency=16 --registry-concurrency=2 --metrics-addr=0.0.0.0:9090 --log-format=json --log-level=debug \
-  --chunked-threshold=128MiB --chunk-size=32MiB --rate-limit=2.5
+  --chunked-threshold=128MiB --chunk-size=32MiB --rate-limit=2.5 \
+  --throttle-timeout=30m --stall-window=2m --stall-min-bytes=4KiB
 
 # --- invalid values are refused -----------------------------------------------------------------
 check "refused: replica=2 (unknown key)" render_fails '[Aa]dditional propert.*replica' --set replica=2
@@ -643,6 +646,7 @@ check "refused: concurrency=0" render_fails '(^|[^y])concurrency' --set concurre
 check "refused: registryConcurrency=0" render_fails 'registryConcurrency' --set registryConcurrency=0
 check "refused: chunkSize=16 parsecs" render_fails 'chunkSize' --set 'chunkSize=16 parsecs'
 check "refused: rateLimit=0" render_fails 'rateLimit' --set rateLimit=0
+check "refused: stallWindow=1 minute" render_fails 'stallWindow' --set 'stallWindow=1 minute'
 check "refused: replicas=0" render_fails 'replicas' --set replicas=0
 check "refused: image.tg=x (unknown nested key)" render_fails '[Aa]dditional propert.*tg' --set image.tg=x
 
