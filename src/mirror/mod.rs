@@ -10,6 +10,7 @@ mod prune_referrers;
 mod prune_run;
 mod referrers;
 mod referrers_copy;
+mod referrers_discover;
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
