@@ -18,7 +18,7 @@ use serde_json::json;
 
 use imagemirror::api::ImageMirror;
 
-use crate::support::controller::ready;
+use crate::support::controller::{Fixture, ready};
 use crate::support::controller_proc::ControllerProc;
 use crate::support::kube_api::{ApiServer, helpers};
 use crate::support::token::{TokenConfig, TokenServer};
@@ -109,12 +109,18 @@ async fn three_hundred_controller_syncs_with_rotating_secrets_keep_memory_flat()
     .unwrap();
     secrets.create(&Default::default(), &secret).await.unwrap();
     // A day's interval: every sync after the first is one a Secret change asked for.
-    let yaml = format!(
-        "apiVersion: imagemirror.dev/v1alpha1\nkind: ImageMirror\nmetadata:\n  name: app\n  namespace: {NS}\nspec:\n  interval: 24h\n  source:\n    repository: {}/app\n    plainHTTP: true\n    credentialsSecret: creds\n  destination:\n    repository: {}/app\n    plainHTTP: true\n    credentialsSecret: creds\n  tags:\n    names: [v1]\n",
-        src.host(),
-        dst.host()
-    );
-    helpers::apply_imagemirror(&client, &yaml).await;
+    Fixture::new(
+        NS,
+        "app",
+        &format!("{}/app", src.host()),
+        &format!("{}/app", dst.host()),
+    )
+    .interval("24h")
+    .source_secret("creds")
+    .destination_secret("creds")
+    .tags(&["v1"])
+    .apply(&client)
+    .await;
     let dir = tempfile::tempdir().unwrap();
     let controller = ControllerProc::start(
         &api.kubeconfig(dir.path()),
