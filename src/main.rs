@@ -52,21 +52,23 @@ enum Command {
 /// The engine's limits and upload settings, the same for `mirror` and `controller`.
 #[derive(clap::Args)]
 struct EngineArgs {
-    /// Blob transfers at once across all registries (blobs up to 1 MiB count half).
+    /// Blob transfers at once across all registries (blobs up to 1 MiB count a quarter).
     #[arg(long, default_value_t = 8)]
     concurrency: usize,
-    /// Blob transfers at once against one registry (blobs up to 1 MiB count half): the cap of
-    /// each registry's adaptive limit with --adaptive-concurrency, else the fixed limit.
+    /// Blob transfers at once against one registry (blobs up to 1 MiB count a quarter): the cap of
+    /// each registry's adaptive limit, or the fixed limit with --adaptive-concurrency=false.
     #[arg(long, default_value_t = 4)]
     registry_concurrency: usize,
     /// Where each registry's adaptive limit starts (1 to --registry-concurrency); it then
-    /// grows while goodput rises and halves on 429/503, stalls and broken connections.
+    /// grows while goodput rises and halves on 502/503/504, stalls and broken connections
+    /// (429s and 503s with Retry-After pause the registry instead).
     #[arg(long, default_value_t = 4)]
     registry_concurrency_start: usize,
-    /// Adapt each registry's transfer limit within [1, --registry-concurrency]; false (the
-    /// default until it is measured on a quiet machine and keeps 429 runs fast): fixed at
+    /// Adapt each registry's transfer limit within [1, --registry-concurrency] (default: on,
+    /// starting at the cap, so by default it only backs off from an overloaded registry and
+    /// climbs back; raise --registry-concurrency to let it probe higher); false: fixed at
     /// --registry-concurrency.
-    #[arg(long, default_value_t = false, action = clap::ArgAction::Set)]
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     adaptive_concurrency: bool,
     /// Blobs larger than this go up in resumable chunks (KiB, MiB, GiB); smaller ones in one PUT.
     #[arg(long, value_parser = cli::parse_size, default_value = "64MiB")]

@@ -434,7 +434,7 @@ impl Ctx<'_> {
     }
 
     /// Children of one manifest in progress at once: enough to keep the engine's transfer
-    /// slots busy (small blobs count half), no more.
+    /// slots busy (small blobs count a quarter), no more.
     fn fan_out(&self) -> usize {
         self.engine
             .config()

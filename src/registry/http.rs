@@ -81,6 +81,11 @@ impl HttpClients {
         }
     }
 
+    /// Which HTTP version carries which requests.
+    pub(crate) fn mode(&self) -> HttpMode {
+        self.mode
+    }
+
     /// The clients for `options`' TLS settings, built on first use.
     pub(crate) fn get(
         &self,

@@ -5,10 +5,17 @@
 //! which varies by five orders of magnitude within one sync, so a transfer's latency says little
 //! about queueing. What matters for a registry is its goodput, so the limit climbs on that:
 //!
-//! - **Multiplicative decrease on congestion.** A `429`, a `502/503/504`, a stall or a
-//!   connection failure halves the limit (at least 1). Transfers that started before the last
-//!   decrease belong to the same episode and do not halve it again (as TCP halves once per
-//!   round trip), so a burst of 429s from every transfer in flight counts once.
+//! - **Multiplicative decrease on congestion.** A `502/503/504` without `Retry-After`, a stall
+//!   or a connection failure halves the limit (at least 1). Transfers that started before the
+//!   last decrease belong to the same episode and do not halve it again (as TCP halves once per
+//!   round trip), so a burst of failures from every transfer in flight counts once.
+//! - **Throttling is not congestion here.** A `429` (or `503` with `Retry-After`) already
+//!   pauses every throttled request to the host until the time the registry named (the shared
+//!   pause in `ratelimit.rs`); halving the limit too would punish the same answer twice, and
+//!   a registry that refuses a share of requests at random (20% in tests/it/hostile.rs) would
+//!   drive it to 1 and keep it there, 10x slower than a fixed limit. So a throttled attempt
+//!   only undoes a probe in progress (the step up that met the push-back) and restarts the
+//!   goodput window, whose rate the pause would distort.
 //! - **Additive increase while goodput rises.** Completions are grouped in windows (at least
 //!   twice the limit of transfers and [`MIN_WINDOW`]); a window's goodput counts bytes plus
 //!   [`PER_TRANSFER`] per transfer, so many small blobs (bound by round trips) count as well as
@@ -42,8 +49,11 @@ const HOLD: u32 = 2;
 pub(crate) enum Signal {
     /// Finished (or found the blob present), having moved `bytes`.
     Done { bytes: u64 },
-    /// The registry pushed back: 429/503, a stall, a broken connection.
+    /// The path or registry is overloaded: 502/503/504, a stall, a broken connection.
     Congested,
+    /// The registry throttled us (429, 503 with `Retry-After`): the host's shared pause
+    /// handles it; the limit only drops a probe in progress.
+    Throttled,
     /// Failed for a reason that says nothing about load (404, digest mismatch...).
     Neutral,
 }
@@ -171,6 +181,16 @@ impl AdaptiveLimit {
         let mut st = self.state();
         match signal {
             Signal::Neutral => {}
+            Signal::Throttled => {
+                if st.grew {
+                    let back = st.limit - 1;
+                    self.set_limit(&mut st, back);
+                    st.grew = false;
+                    st.hold = HOLD;
+                }
+                st.prev_rate = None;
+                self.new_window(&mut st, now);
+            }
             Signal::Congested => {
                 if st.last_decrease.is_some_and(|t| started < t) {
                     return;
@@ -285,6 +305,25 @@ mod tests {
         // Neutral failures say nothing about load.
         l.record(Instant::now(), Signal::Neutral);
         assert_eq!(l.current(), 1);
+    }
+
+    #[tokio::test]
+    async fn throttling_never_halves_and_only_undoes_a_probe() {
+        let l = Arc::new(AdaptiveLimit::new(4, 8, 2, true));
+        for _ in 0..20 {
+            l.record(Instant::now(), Signal::Throttled);
+        }
+        assert_eq!(l.current(), 4, "429s are the shared pause's business");
+        // A probe that meets a 429 steps back to where it was, and holds.
+        let t = Instant::now();
+        l.state().binding = true;
+        l.state().window_start = Instant::now() - Duration::from_secs(1);
+        done(&l, 8, 1 << 20, t);
+        assert_eq!(l.current(), 5, "a binding window probes upward");
+        l.record(Instant::now(), Signal::Throttled);
+        assert_eq!(l.current(), 4);
+        l.record(Instant::now(), Signal::Throttled);
+        assert_eq!(l.current(), 4, "undone once, not halved");
     }
 
     #[tokio::test]

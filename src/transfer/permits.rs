@@ -76,15 +76,15 @@ impl Engine {
         started: std::time::Instant,
         err: &TransferError,
     ) {
-        if !congestion(err) {
+        let signal = signal_of(err);
+        if signal == adaptive::Signal::Neutral {
             return;
         }
         let text = err.to_string();
         let named: Vec<&str> = [a, b].into_iter().filter(|h| text.contains(h)).collect();
         let blamed = if named.is_empty() { vec![a, b] } else { named };
         for h in blamed {
-            self.transfer_limit(h)
-                .record(started, adaptive::Signal::Congested);
+            self.transfer_limit(h).record(started, signal);
         }
     }
 
@@ -123,8 +123,12 @@ impl Permits {
     /// (429/503, a stall, a broken connection) counts against the registry the error names,
     /// or both when it names neither.
     pub(super) fn finish(self, result: &Result<BlobOutcome, TransferError>, bytes: u64) {
+        let pushback = match result {
+            Err(e) => signal_of(e),
+            Ok(_) => adaptive::Signal::Neutral,
+        };
         let blamed = match result {
-            Err(e) if congestion(e) => {
+            Err(e) if pushback != adaptive::Signal::Neutral => {
                 let text = e.to_string();
                 let named: Vec<bool> = self
                     .limits
@@ -139,7 +143,7 @@ impl Permits {
         for ((_, permit), blame) in self.limits.into_iter().zip(blamed) {
             let signal = match result {
                 Ok(_) => adaptive::Signal::Done { bytes },
-                Err(_) if blame => adaptive::Signal::Congested,
+                Err(_) if blame => pushback,
                 Err(_) => adaptive::Signal::Neutral,
             };
             permit.finish(signal);
@@ -147,23 +151,33 @@ impl Permits {
     }
 }
 
-/// Errors that mean a registry is overloaded (or the path to it is): the adaptive limit backs off.
-pub(super) fn congestion(e: &TransferError) -> bool {
+/// What an error tells a registry's adaptive limit: throttling (429, 503 with `Retry-After`:
+/// the shared pause deals with it), overload of the registry or the path to it (the limit
+/// backs off), or nothing about load.
+pub(super) fn signal_of(e: &TransferError) -> adaptive::Signal {
     match e {
         TransferError::Stalled { .. }
         | TransferError::UploadSessionLost { .. }
-        | TransferError::ChunkNotConsumed { .. } => true,
+        | TransferError::ChunkNotConsumed { .. } => adaptive::Signal::Congested,
         TransferError::Source { source, .. } | TransferError::Destination { source, .. } => {
-            registry_congestion(source)
+            registry_signal(source)
         }
-        _ => false,
+        _ => adaptive::Signal::Neutral,
     }
 }
 
-fn registry_congestion(e: &RegistryError) -> bool {
+fn registry_signal(e: &RegistryError) -> adaptive::Signal {
     match e {
-        RegistryError::RateLimited { .. } | RegistryError::Transport { .. } => true,
-        RegistryError::Status { status, .. } => matches!(status, 502..=504),
-        _ => false,
+        RegistryError::RateLimited { .. }
+        | RegistryError::Status {
+            status: 503,
+            retry_after: Some(_),
+            ..
+        } => adaptive::Signal::Throttled,
+        RegistryError::Transport { .. }
+        | RegistryError::Status {
+            status: 502..=504, ..
+        } => adaptive::Signal::Congested,
+        _ => adaptive::Signal::Neutral,
     }
 }
