@@ -90,7 +90,7 @@ if [ -n "$bin" ]; then
 else
   echo "bench: cargo build --release --locked --bin imagemirror" >&2
   cargo build --release --locked --bin imagemirror
-  BIN="$REPO_DIR/target/release/imagemirror"
+  BIN="${CARGO_TARGET_DIR:-$REPO_DIR/target}/release/imagemirror"
 fi
 
 WORK="$(mktemp -d "${TMPDIR:-/tmp}/imagemirror-bench.XXXXXX")"

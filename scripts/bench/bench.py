@@ -61,27 +61,9 @@ def parse_time_v(path):
 def write_imagemirror_yaml(path, scenario, src, dst, referrers=False):
     extra = "  referrers:\n    enabled: true\n" if referrers else ""
     plain = "false" if TLS else "true"
-    docs = []
-    for repo, tags in scenario.repos.items():
-        name = re.sub(r"[^a-z0-9-]", "-", repo.lower())
-        names = ", ".join(json.dumps(t) for t in tags)
-        docs.append(f"""apiVersion: imagemirror.dev/v1alpha1
-kind: ImageMirror
-metadata:
-  name: {name}
-  namespace: bench
-spec:
-  source:
-    repository: {src.front}/{repo}
-    plainHTTP: {plain}
-  destination:
-    repository: {dst.front}/{dest_repo(repo)}
-    plainHTTP: {plain}
-  tags:
-    names: [{names}]
-{extra}""")
-    with open(path, "w") as f:
-        f.write("---\n".join(docs))
+    write_mirror_yaml(path, scenario, src,
+                      lambda repo: {"repository": f"{dst.front}/{dest_repo(repo)}", "plainHTTP": plain},
+                      extra)
 
 
 def write_skopeo_yaml(path, scenario, src):

@@ -2,6 +2,7 @@
 registries (start, stop, CPU time, access-log counts)."""
 
 import hashlib
+import json
 import http.client
 import os
 import re
@@ -49,6 +50,33 @@ CHUNK = 1 << 20
 
 def log(msg):
     print(f"bench: {msg}", file=sys.stderr, flush=True)
+
+
+def write_mirror_yaml(path, scenario, src, destination, extra=""):
+    """One ImageMirror document per source repository of `scenario` into `path`: the source
+    through `src.front` (plain HTTP unless TLS), `destination(repo)` giving the destination's
+    fields (repository, and plainHTTP for a registry), `extra` appended to every spec."""
+    plain = "false" if TLS else "true"
+    docs = []
+    for repo, tags in scenario.repos.items():
+        name = re.sub(r"[^a-z0-9-]", "-", repo.lower())
+        names = ", ".join(json.dumps(t) for t in tags)
+        dest = "".join(f"    {k}: {v}\n" for k, v in destination(repo).items())
+        docs.append(f"""apiVersion: imagemirror.dev/v1alpha1
+kind: ImageMirror
+metadata:
+  name: {name}
+  namespace: bench
+spec:
+  source:
+    repository: {src.front}/{repo}
+    plainHTTP: {plain}
+  destination:
+{dest}  tags:
+    names: [{names}]
+{extra}""")
+    with open(path, "w") as f:
+        f.write("---\n".join(docs))
 
 
 class BenchError(Exception):

@@ -5,7 +5,6 @@
 
 import json
 import os
-import re
 import shlex
 import subprocess
 import time
@@ -19,26 +18,8 @@ def layout_name(repo):
 
 
 def write_yaml(path, scenario, src, layout):
-    docs = []
-    for repo, tags in scenario.repos.items():
-        name = re.sub(r"[^a-z0-9-]", "-", repo.lower())
-        names = ", ".join(json.dumps(t) for t in tags)
-        docs.append(f"""apiVersion: imagemirror.dev/v1alpha1
-kind: ImageMirror
-metadata:
-  name: {name}
-  namespace: bench
-spec:
-  source:
-    repository: {src.front}/{repo}
-    plainHTTP: {"false" if TLS else "true"}
-  destination:
-    repository: oci:{layout}:{layout_name(repo)}
-  tags:
-    names: [{names}]
-""")
-    with open(path, "w") as f:
-        f.write("---\n".join(docs))
+    write_mirror_yaml(path, scenario, src,
+                      lambda repo: {"repository": f"oci:{layout}:{layout_name(repo)}"})
 
 
 def dir_bytes(path):
