@@ -542,8 +542,11 @@ mod tests {
     async fn mounts_do_not_wait_for_transfers_and_have_a_bound_of_their_own() {
         let e = engine(8, 1);
         let _big = e.permits("src:1", "dst:1", BIG).await;
-        let _m1 = e.mount_permit("dst:1").await;
-        let _m2 = e.mount_permit("dst:1").await;
+        // As many mounts as small transfers: four per big-transfer slot.
+        let mut mounts = Vec::new();
+        for _ in 0..4 {
+            mounts.push(e.mount_permit("dst:1").await);
+        }
         assert!(e.mount_permit("dst:1").now_or_never().is_none());
     }
 
