@@ -397,7 +397,7 @@ def c_pod(f):
         expect(labels.get(k) == v, f"pod template lacks selector label {k}={v}")
     for k in ("app.kubernetes.io/name", "app.kubernetes.io/instance", "app.kubernetes.io/version", "app.kubernetes.io/managed-by"):
         expect(k in dep["metadata"].get("labels", {}), f"Deployment lacks label {k}")
-    for f_ in ("--concurrency", "--registry-concurrency", "--log-format", "--log-level",
+    for f_ in ("--concurrency", "--registry-concurrency", "--reconcile-concurrency", "--log-format", "--log-level",
                "--throttle-timeout", "--stall-window", "--stall-min-bytes"):
         expect(len(flag_values(docs, f_)) == 1, f"{f_} not passed exactly once: {a}")
     expect(flag_values(docs, "--ca-file") == [], "--ca-file passed although extraCABundle is disabled")
@@ -580,7 +580,7 @@ check "default: no PodDisruptionBudget" assert pdb "$R_DEFAULT" absent 1
 check "default: restricted pod and container securityContext" assert security "$R_DEFAULT"
 check "default: command, probes, metrics port, downward-API env, resources, Service" assert pod "$R_DEFAULT"
 check "default: flags carry the default values" assert values "$R_DEFAULT" \
-  --concurrency=8 --registry-concurrency=4 --metrics-addr=0.0.0.0:8080 --log-format=text --log-level=info
+  --concurrency=8 --registry-concurrency=4 --reconcile-concurrency=32 --metrics-addr=0.0.0.0:8080 --log-format=text --log-level=info
 
 # --- watchNamespaces ----------------------------------------------------------------------------
 R_NS="$TMP/namespaces.yaml"
@@ -630,12 +630,12 @@ R_SM="$TMP/servicemonitor.yaml"
 check "helm template: ServiceMonitor, json logs, custom limits" render "$R_SM" \
   --set metrics.serviceMonitor.enabled=true --set metrics.serviceMonitor.interval=1m \
   --set metrics.serviceMonitor.labels.release=prometheus --set logFormat=json --set logLevel=debug \
-  --set concurrency=16 --set registryConcurrency=2 --set metrics.port=9090 \
+  --set concurrency=16 --set registryConcurrency=2 --set reconcileConcurrency=64 --set metrics.port=9090 \
   --set chunkedThreshold=128MiB --set chunkSize=32MiB --set-json rateLimit=2.5 \
   --set throttleTimeout=30m --set stallWindow=2m --set stallMinBytes=4KiB
 check "ServiceMonitor selects the metrics Service" assert servicemonitor "$R_SM" 1m release=prometheus
 check "values reach the flags" assert values "$R_SM" \
-  --concurrency=16 --registry-concurrency=2 --metrics-addr=0.0.0.0:9090 --log-format=json --log-level=debug \
+  --concurrency=16 --registry-concurrency=2 --reconcile-concurrency=64 --metrics-addr=0.0.0.0:9090 --log-format=json --log-level=debug \
   --chunked-threshold=128MiB --chunk-size=32MiB --rate-limit=2.5 \
   --throttle-timeout=30m --stall-window=2m --stall-min-bytes=4KiB
 
@@ -644,6 +644,7 @@ check "refused: replica=2 (unknown key)" render_fails '[Aa]dditional propert.*re
 check "refused: logFormat=xml" render_fails 'logFormat' --set logFormat=xml
 check "refused: concurrency=0" render_fails '(^|[^y])concurrency' --set concurrency=0
 check "refused: registryConcurrency=0" render_fails 'registryConcurrency' --set registryConcurrency=0
+check "refused: reconcileConcurrency=0" render_fails 'reconcileConcurrency' --set reconcileConcurrency=0
 check "refused: chunkSize=16 parsecs" render_fails 'chunkSize' --set 'chunkSize=16 parsecs'
 check "refused: rateLimit=0" render_fails 'rateLimit' --set rateLimit=0
 check "refused: stallWindow=1 minute" render_fails 'stallWindow' --set 'stallWindow=1 minute'

@@ -170,6 +170,12 @@ struct ControllerArgs {
     /// Deployment per label value), e.g. `imagemirror.dev/shard=a`.
     #[arg(long)]
     selector: Option<String>,
+    /// ImageMirrors reconciled at once once a sync is due (reading Secrets, syncing, writing
+    /// status), over all watched namespaces; the rest wait their turn. Bounds the memory and
+    /// connections of a burst (a restart, a rotated Secret many mirrors name).
+    #[arg(long, default_value_t = imagemirror::controller::DEFAULT_RECONCILE_CONCURRENCY,
+          value_parser = clap::value_parser!(u16).range(1..))]
+    reconcile_concurrency: u16,
     /// Lifetime of the leader-election and shard Leases, in seconds.
     #[arg(long, default_value_t = 15)]
     lease_duration_seconds: u64,
@@ -207,6 +213,7 @@ impl ControllerArgs {
             namespaces: self.namespaces,
             engine: self.engine.config(),
             item_concurrency: self.engine.concurrency.max(1),
+            reconcile_concurrency: usize::from(self.reconcile_concurrency),
             metrics_addr: Some(metrics_addr),
             leader_election: (self.leader_elect && sharding.is_none()).then_some(LeaderElection {
                 namespace: self.leader_election_namespace,

@@ -76,6 +76,8 @@ pub struct Metrics {
     pub in_flight: Gauge,
     /// Shards whose Lease this replica holds (0 when not sharded).
     pub shards_held: Gauge,
+    /// Reconciles past the "is a sync due" step, holding a `--reconcile-concurrency` permit.
+    pub reconciles_in_flight: Gauge,
     per_mirror: Mutex<HashMap<String, MirrorCounts>>,
 }
 
@@ -97,6 +99,7 @@ impl Metrics {
         let sync_duration = Histogram::new(exponential_buckets(0.05, 2.0, 16));
         let in_flight = Gauge::default();
         let shards_held = Gauge::default();
+        let reconciles_in_flight = Gauge::default();
         registry.register(
             "imagemirror_reconcile",
             "Reconciles by result",
@@ -133,6 +136,11 @@ impl Metrics {
             "Shard Leases this replica holds (sharded controllers only)",
             shards_held.clone(),
         );
+        registry.register(
+            "imagemirror_reconciles_in_flight",
+            "Reconciles reading Secrets, syncing or writing status now (at most --reconcile-concurrency)",
+            reconciles_in_flight.clone(),
+        );
         Metrics {
             registry,
             reconciles,
@@ -143,6 +151,7 @@ impl Metrics {
             sync_duration,
             in_flight,
             shards_held,
+            reconciles_in_flight,
             per_mirror: Mutex::new(HashMap::new()),
         }
     }

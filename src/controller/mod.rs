@@ -39,6 +39,11 @@ use crate::api::ImageMirrorSpec;
 use crate::mirror::ClientPool;
 use crate::transfer::{Engine, EngineConfig};
 
+/// Default of `--reconcile-concurrency`: enough to keep the engine's transfers and the API
+/// server busy (a no-op resync is two round trips), few enough that a burst of due mirrors
+/// holds a bounded number of connections and syncs in memory.
+pub const DEFAULT_RECONCILE_CONCURRENCY: u16 = 32;
+
 /// Controller settings; `main` fills them from flags.
 #[derive(Clone, Debug)]
 pub struct ControllerConfig {
@@ -48,6 +53,11 @@ pub struct ControllerConfig {
     pub engine: EngineConfig,
     /// Items (tags) copied at once per ImageMirror. Default 4.
     pub item_concurrency: usize,
+    /// ImageMirrors reconciled at once past the "is a sync due" step (reading Secrets,
+    /// syncing, writing status), across every watched namespace; the others wait for a turn.
+    /// Bounds the memory and connections a burst (a restart, a rotated Secret every mirror
+    /// names) takes. Default [`DEFAULT_RECONCILE_CONCURRENCY`].
+    pub reconcile_concurrency: usize,
     /// Admin server address (`/metrics`, `/healthz`, `/readyz`); `None` serves none.
     /// Default `0.0.0.0:8080` from the CLI.
     pub metrics_addr: Option<SocketAddr>,
@@ -74,6 +84,7 @@ impl Default for ControllerConfig {
             namespaces: Vec::new(),
             engine: EngineConfig::default(),
             item_concurrency: 4,
+            reconcile_concurrency: usize::from(DEFAULT_RECONCILE_CONCURRENCY),
             metrics_addr: None,
             leader_election: None,
             ca_file: None,
@@ -117,6 +128,9 @@ pub struct Context {
     metrics: Arc<Metrics>,
     extra_ca: Option<Vec<u8>>,
     item_concurrency: usize,
+    /// Permits of `reconcile_concurrency`: a reconcile that must read Secrets, sync or write
+    /// status holds one.
+    reconciling: Arc<tokio::sync::Semaphore>,
     resync_spread: Duration,
     /// Per UID: schedule, backoff, Secret versions, the running sync's cancel switch.
     states: state::States,
@@ -137,6 +151,15 @@ impl Context {
             .now_or_never()
             .is_some_and(|r| r.is_ok())
             .then(|| secrets::versions(cache, ns, spec))
+    }
+
+    /// Whether the watch cache holds a newer generation of `obj` than the one being reconciled
+    /// (which kube-runtime will hand to a reconcile of its own once this one returns).
+    fn is_outdated(&self, obj: &crate::api::ImageMirror) -> bool {
+        let caches = self.caches.lock().unwrap_or_else(|p| p.into_inner());
+        caches
+            .generation_of(obj)
+            .is_some_and(|g| g != obj.metadata.generation)
     }
 
     /// The object with `uid` is gone: cancel its sync, drop its state and metric series.
@@ -211,6 +234,11 @@ pub async fn run(
         metrics,
         extra_ca,
         item_concurrency: config.item_concurrency.max(1),
+        reconciling: Arc::new(tokio::sync::Semaphore::new(
+            config
+                .reconcile_concurrency
+                .clamp(1, tokio::sync::Semaphore::MAX_PERMITS),
+        )),
         resync_spread: config.resync_spread,
         states: state::States::default(),
         caches: Mutex::new(watches::Caches::default()),

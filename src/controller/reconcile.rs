@@ -110,11 +110,21 @@ pub async fn reconcile(
         ns,
         name,
     };
-    let steps = AssertUnwindSafe(steps(&mut m, &ctx)).catch_unwind().await;
+    let mut turn = None;
+    let steps = AssertUnwindSafe(steps(&mut m, &ctx, &mut turn))
+        .catch_unwind()
+        .await;
     let result = match steps.unwrap_or_else(|p| Err(ReconcileError::Panicked(panic_text(&p)))) {
         Ok(action) => Ok(action),
-        Err(e) => publish::failure(&mut m, &ctx, e).await,
+        Err(e) => {
+            // Publishing the failure writes status: that takes a turn too.
+            if turn.is_none() {
+                turn = Turn::take(&ctx).await;
+            }
+            publish::failure(&mut m, &ctx, e).await
+        }
     };
+    drop(turn);
     let label = match &result {
         Ok(_) => "success",
         Err(e) => e.reason(),
@@ -135,14 +145,54 @@ fn panic_text(p: &(dyn std::any::Any + Send)) -> String {
         .unwrap_or_else(|| "a panic without a message".into())
 }
 
-async fn steps(m: &mut Mirror<'_>, ctx: &Context) -> Result<Action, ReconcileError> {
+/// One reconcile's turn among `--reconcile-concurrency`, counted on
+/// `imagemirror_reconciles_in_flight` until dropped.
+pub(super) struct Turn {
+    _permit: tokio::sync::OwnedSemaphorePermit,
+    gauge: prometheus_client::metrics::gauge::Gauge,
+}
+
+impl Turn {
+    /// Waits for a turn (`None` only if the semaphore were closed, which it never is).
+    async fn take(ctx: &Context) -> Option<Turn> {
+        let permit = ctx.reconciling.clone().acquire_owned().await.ok()?;
+        let gauge = ctx.metrics.reconciles_in_flight.clone();
+        gauge.inc();
+        Some(Turn {
+            _permit: permit,
+            gauge,
+        })
+    }
+}
+
+impl Drop for Turn {
+    fn drop(&mut self) {
+        self.gauge.dec();
+    }
+}
+
+/// The steps; everything past deciding that a sync is due (Secrets, the sync, status) runs
+/// with a turn held in `turn`, so a burst of due mirrors works through a bounded number at a
+/// time instead of holding all their connections and syncs in memory at once.
+async fn steps(
+    m: &mut Mirror<'_>,
+    ctx: &Context,
+    turn: &mut Option<Turn>,
+) -> Result<Action, ReconcileError> {
     if m.obj.spec.suspend {
+        *turn = Turn::take(ctx).await;
         return publish::suspended(m).await;
     }
     let valid = validate(m)?;
     m.interval = valid.interval;
     if let Some(wait) = decide(m, ctx) {
         return Ok(Action::requeue(wait));
+    }
+    *turn = Turn::take(ctx).await;
+    if ctx.is_outdated(m.obj) {
+        // A newer generation arrived while waiting: it is reconciled next (its watch event
+        // is queued behind this reconcile; the requeue only makes sure).
+        return Ok(Action::requeue(Duration::from_millis(100)));
     }
     let (source, destination) = dereference(m, ctx, &valid).await?;
     let (report, source, destination) = sync(m, ctx, &valid, source, destination).await?;

@@ -14,6 +14,7 @@ use futures_util::future::join_all;
 use futures_util::{StreamExt, TryStreamExt};
 use k8s_openapi::api::core::v1::Secret;
 use kube::core::{DeserializeGuard, PartialObjectMeta};
+use kube::runtime::controller::Config as RunConfig;
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{Controller, WatchStreamExt, watcher};
 use kube::{Api, Resource, ResourceExt};
@@ -37,6 +38,17 @@ impl Caches {
             .iter()
             .find(|(scope, _)| scope.as_deref().is_none_or(|s| s == ns))
             .map(|(_, store)| store)
+    }
+
+    /// The generation the caches hold of `obj` (same UID), if any holds it.
+    pub fn generation_of(&self, obj: &ImageMirror) -> Option<Option<i64>> {
+        let key = ObjectRef::<Guarded>::new(&obj.name_any())
+            .within(obj.namespace().as_deref().unwrap_or_default());
+        self.mirrors
+            .iter()
+            .find_map(|s| s.get(&key))
+            .filter(|m| m.uid() == obj.uid())
+            .map(|m| m.meta().generation)
     }
 
     /// UIDs of every ImageMirror in every cache.
@@ -105,13 +117,17 @@ pub async fn run_controllers(
         caches.secrets.push((ns.clone(), secret_cache));
         let cfg = watcher::Config::default().any_semantic();
         let observer = ctx.clone();
+        // managedFields are never read here; dropping them before the caches keeps a
+        // thousand objects' field-ownership records out of memory.
         let mirror_events = watcher(mirrors, super::shards::mirror_watch(cfg.clone(), config))
             .default_backoff()
+            .modify(|m| m.managed_fields_mut().clear())
             .reflect(mirror_writer)
             .inspect_ok(move |ev| observe(&observer, ev))
             .applied_objects();
         let secret_events = watcher(secrets, cfg)
             .default_backoff()
+            .modify(|s| s.managed_fields_mut().clear())
             .reflect(secret_writer)
             .touched_objects();
         let store = mirror_cache.clone();
@@ -130,6 +146,12 @@ pub async fn run_controllers(
                     .collect::<Vec<_>>()
             },
         );
+        // At most `reconcile_concurrency` reconciles of this scope are spawned at once: the
+        // others wait in kube-runtime's queue as object references, not as spawned futures
+        // (a reconcile future is sized for a whole sync). The process-wide bound across
+        // scopes is the turn a reconcile takes once a sync is due (`reconcile::Turn`).
+        let limit = u16::try_from(config.reconcile_concurrency.max(1)).unwrap_or(u16::MAX);
+        controller = controller.with_config(RunConfig::default().concurrency(limit));
         if let Some(set) = &ctx.shards {
             controller = controller.reconcile_all_on(set.gained());
         }

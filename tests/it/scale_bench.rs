@@ -46,6 +46,22 @@ fn proc_kib(pid: u32, field: &str) -> u64 {
         .unwrap_or(0)
 }
 
+/// What the RSS is made of: anonymous memory (heap, stacks) and file pages (the binary's code
+/// and data as far as it ran), and the thread count.
+fn breakdown(pid: u32) -> String {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let threads = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Threads:"))
+        .map_or("?", str::trim)
+        .to_string();
+    format!(
+        "anonymous {:.1} MiB, file {:.1} MiB, {threads} threads",
+        proc_kib(pid, "RssAnon:") as f64 / 1024.0,
+        proc_kib(pid, "RssFile:") as f64 / 1024.0
+    )
+}
+
 fn loadavg() -> String {
     std::fs::read_to_string("/proc/loadavg")
         .unwrap_or_default()
@@ -84,21 +100,46 @@ fn fmt_map(m: &BTreeMap<String, usize>, per: usize) -> String {
         .join("; ")
 }
 
-/// Samples the controller's RSS every 100 ms; the peak is kept.
-fn sample_rss(pid: u32) -> Arc<AtomicU64> {
-    let peak = Arc::new(AtomicU64::new(0));
-    let p = peak.clone();
-    tokio::spawn(async move {
-        loop {
-            let rss = proc_kib(pid, "VmRSS:");
-            if rss == 0 {
-                return;
+/// Open file descriptors of `pid` (its sockets to the API server and registries, mostly).
+fn open_fds(pid: u32) -> u64 {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count() as u64)
+}
+
+/// Peaks of the controller's RSS (KiB) and open file descriptors, sampled every 100 ms.
+#[derive(Clone, Default)]
+struct Peaks {
+    rss: Arc<AtomicU64>,
+    fds: Arc<AtomicU64>,
+}
+
+impl Peaks {
+    /// Starts sampling `pid` until it exits.
+    fn sample(pid: u32) -> Self {
+        let peaks = Peaks::default();
+        let p = peaks.clone();
+        tokio::spawn(async move {
+            loop {
+                let rss = proc_kib(pid, "VmRSS:");
+                if rss == 0 {
+                    return;
+                }
+                p.rss.fetch_max(rss, Ordering::Relaxed);
+                p.fds.fetch_max(open_fds(pid), Ordering::Relaxed);
+                tokio::time::sleep(Duration::from_millis(100)).await;
             }
-            p.fetch_max(rss, Ordering::Relaxed);
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    });
-    peak
+        });
+        peaks
+    }
+
+    /// The peak RSS so far (also the kernel's high-water mark, which sampling can miss) and
+    /// the peak of open descriptors; both are reset for the next phase.
+    fn take(&self, pid: u32) -> (u64, u64) {
+        let rss = self
+            .rss
+            .swap(0, Ordering::Relaxed)
+            .max(proc_kib(pid, "VmRSS:"));
+        (rss, self.fds.swap(0, Ordering::Relaxed))
+    }
 }
 
 struct Bench {
@@ -198,12 +239,14 @@ async fn scale_benchmark() {
     }
     tokio::time::sleep(Duration::from_secs(2)).await;
     let rss_start = proc_kib(ctl.pid(), "VmRSS:");
+    let start_parts = breakdown(ctl.pid());
     let mut bench = Bench { api, n, polls: 0 };
     bench.api.clear_requests();
     let (src0, dst0) = (src.requests().len(), dst.requests().len());
 
     // Phase 1: create N, wait for all Ready.
-    let peak = sample_rss(ctl.pid());
+    let fds_start = open_fds(ctl.pid());
+    let peaks = Peaks::sample(ctl.pid());
     let t0 = Instant::now();
     for i in 0..n {
         let from = format!("{}/app-{}", src.host(), i % sources);
@@ -221,9 +264,8 @@ async fn scale_benchmark() {
     let created = t0.elapsed();
     bench.wait_all("Ready", ready).await;
     let all_ready = t0.elapsed();
-    let peak1 = peak
-        .load(Ordering::Relaxed)
-        .max(proc_kib(ctl.pid(), "VmHWM:"));
+    let (peak1, fds1) = peaks.take(ctl.pid());
+    let hwm1 = proc_kib(ctl.pid(), "VmHWM:");
     let reqs1 = bench.controller_requests();
     let status1 = reqs1
         .iter()
@@ -233,6 +275,9 @@ async fn scale_benchmark() {
     let dst1: Vec<String> = dst.requests()[dst0..].to_vec();
     tokio::time::sleep(Duration::from_secs(10)).await;
     let idle = proc_kib(ctl.pid(), "VmRSS:");
+    let idle_parts = breakdown(ctl.pid());
+    let fds_idle = open_fds(ctl.pid());
+    peaks.take(ctl.pid());
 
     // Phase 2: rotate the Secret every mirror names; each resyncs, nothing has changed.
     bench.api.clear_requests();
@@ -266,9 +311,9 @@ async fn scale_benchmark() {
         })
         .await;
     let resync = t1.elapsed();
-    let peak2 = peak
-        .load(Ordering::Relaxed)
-        .max(proc_kib(ctl.pid(), "VmHWM:"));
+    let (peak2, fds2) = peaks.take(ctl.pid());
+    let end_parts = breakdown(ctl.pid());
+    let hwm2 = proc_kib(ctl.pid(), "VmHWM:");
     let reqs2 = bench.controller_requests();
     let status2 = reqs2
         .iter()
@@ -291,7 +336,9 @@ async fn scale_benchmark() {
          - source registry: {} requests ({}); destination: {} requests ({})\n\
          - no-op resync of all {n} (Secret rotated): {resync:.1?}; API requests {api2} ({:.2}/mirror): {api2_verbs}\n\
          - resync status writes: {status2} ({:.2}/mirror); source: {} ({}), destination: {} ({})\n\
-         - controller RSS: {:.1} MiB before, peak {:.1} MiB while creating, {:.1} MiB idle after Ready, peak {:.1} MiB overall\n\
+         - controller RSS: {:.1} MiB before, peak {:.1} MiB while creating, {:.1} MiB idle after Ready, peak {:.1} MiB during the resync (high-water mark {:.1} MiB after Ready, {:.1} MiB at the end)\n\
+         - controller RSS parts: before {start_parts}; idle after Ready {idle_parts}; after the resync {end_parts}\n\
+         - controller open descriptors: {fds_start} before, peak {fds1} while creating, {fds_idle} idle after Ready, peak {fds2} during the resync\n\
          - SIGTERM exit: {exit:?}\n",
         status1 as f64 / n as f64,
         src1.len(),
@@ -308,6 +355,8 @@ async fn scale_benchmark() {
         mib(peak1),
         mib(idle),
         mib(peak2),
+        mib(hwm1),
+        mib(hwm2),
         bin = std::env::var("IMAGEMIRROR_TEST_BIN")
             .unwrap_or_else(|_| env!("CARGO_BIN_EXE_imagemirror").into()),
         cpus = std::thread::available_parallelism().map_or(0, |n| n.get()),
