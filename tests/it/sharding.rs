@@ -122,6 +122,16 @@ impl Setup {
         api.get(name).await.unwrap()
     }
 
+    /// Fails the test, with its log, if controller `p` has exited.
+    fn assert_running(&self, p: &mut ControllerProc) {
+        assert!(
+            p.running(),
+            "{} exited:\n{}",
+            p.identity,
+            self.log(&p.identity)
+        );
+    }
+
     /// Waits until mirror `name` is Ready with `tags` tags.
     async fn wait_mirror(&self, name: &str, tags: usize, p: &mut ControllerProc) {
         let deadline = Instant::now() + WAIT;
@@ -129,12 +139,7 @@ impl Setup {
             if is_ready(&self.mirror(name).await, tags) {
                 return;
             }
-            assert!(
-                p.running(),
-                "{} exited:\n{}",
-                p.identity,
-                self.log(&p.identity)
-            );
+            self.assert_running(p);
             assert!(
                 Instant::now() < deadline,
                 "{name} not Ready with {tags} tags:\n{}",
@@ -248,12 +253,7 @@ impl Setup {
                 return;
             }
             for p in procs.iter_mut() {
-                assert!(
-                    p.running(),
-                    "{} exited:\n{}",
-                    p.identity,
-                    self.log(&p.identity)
-                );
+                self.assert_running(p);
             }
             assert!(
                 Instant::now() < deadline,

@@ -58,26 +58,6 @@ fn docker_config(hosts: &[&str], i: usize) -> String {
     base64::engine::general_purpose::STANDARD.encode(json!({ "auths": auths }).to_string())
 }
 
-/// Syncs the controller finished (`imagemirror_sync_duration_seconds_count`); `None` while
-/// its admin server does not answer.
-async fn syncs_done(http: &reqwest::Client, port: u16) -> Option<usize> {
-    let text = http
-        .get(format!("http://127.0.0.1:{port}/metrics"))
-        .timeout(Duration::from_secs(5))
-        .send()
-        .await
-        .ok()?
-        .text()
-        .await
-        .ok()?;
-    text.lines().find_map(|l| {
-        l.strip_prefix("imagemirror_sync_duration_seconds_count ")?
-            .trim()
-            .parse()
-            .ok()
-    })
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_hundred_controller_syncs_with_rotating_secrets_keep_memory_flat() {
     let tokens = TokenServer::start(TokenConfig {
@@ -129,7 +109,6 @@ async fn three_hundred_controller_syncs_with_rotating_secrets_keep_memory_flat()
         &["--namespace", NS],
     );
     let log = || std::fs::read_to_string(dir.path().join("soak.log")).unwrap_or_default();
-    let http = reqwest::Client::new();
     let started = Instant::now();
     let mut after_10 = 0;
     for i in 1..=SYNCS {
@@ -142,7 +121,12 @@ async fn three_hundred_controller_syncs_with_rotating_secrets_keep_memory_flat()
         }
         let deadline = Instant::now() + SYNC_WAIT;
         loop {
-            let done = syncs_done(&http, controller.port).await.unwrap_or(0);
+            // Syncs the controller finished; 0 while its admin server does not answer.
+            let done = controller
+                .gauge("imagemirror_sync_duration_seconds_count")
+                .await
+                .and_then(|n| usize::try_from(n).ok())
+                .unwrap_or(0);
             if done >= i {
                 assert_eq!(done, i, "one sync per Secret change");
                 break;
