@@ -12,6 +12,7 @@
 #   --fail-fast      stop at the first failed run (default: report every failure, exit 1 at the end)
 #   --im-arg ARG     pass ARG to `imagemirror mirror` (repeatable), e.g. --im-arg=--concurrency=4
 #   --bin PATH       use this imagemirror binary instead of building the release one (smoke tests)
+#   --tool NAME      run only this tool: imagemirror | skopeo (repeatable; default both)
 #   --referrers      imagemirror runs with spec.referrers.enabled (skopeo sync copies no referrers)
 #   --tls            both registries serve HTTPS with a private CA made for the run (imagemirror
 #                    gets --ca-file, skopeo --src-cert-dir/--dest-cert-dir)
@@ -46,7 +47,7 @@ to_ms() {
 }
 
 quick=0 runs=3 keep=0 fail_fast=0 referrers=0 out="$REPO_DIR/target/bench" bin="" tls=0 rtt=0 dest_rtt=0
-scenarios=() im_args=()
+scenarios=() im_args=() only=()
 while [ $# -gt 0 ]; do
   case "$1" in
     --quick) quick=1 ;;
@@ -69,6 +70,8 @@ while [ $# -gt 0 ]; do
     --im-arg=*) im_args+=("${1#*=}") ;;
     --bin) bin="${2:?--bin needs a path}"; shift ;;
     --bin=*) bin="${1#*=}" ;;
+    --tool) only+=("${2:?--tool needs imagemirror or skopeo}"); shift ;;
+    --tool=*) only+=("${1#*=}") ;;
     -h | --help) usage; exit 0 ;;
     *) echo "bench: unknown option $1" >&2; usage >&2; exit 2 ;;
   esac
@@ -79,7 +82,7 @@ for d in "$rtt" "$dest_rtt"; do
   [[ "$d" =~ ^[0-9]+(\.[0-9]+)?$ ]] || { echo "bench: --rtt/--dest-rtt want a duration such as 50ms" >&2; exit 2; }
 done
 
-for tool in docker-registry skopeo python3 curl openssl; do
+for tool in docker-registry skopeo python3 curl openssl strace; do
   command -v "$tool" >/dev/null 2>&1 || { echo "bench: $tool is missing (scripts/install-deps.sh installs it)" >&2; exit 1; }
 done
 [ -x /usr/bin/time ] || { echo "bench: /usr/bin/time is missing (Debian package time)" >&2; exit 1; }
@@ -102,6 +105,7 @@ pyargs=(--bin "$BIN" --work "$WORK" --out "$out" --runs "$runs")
 [ "$tls" = 1 ] && pyargs+=(--tls)
 pyargs+=(--rtt-ms "$rtt" --dest-rtt-ms "$dest_rtt")
 for s in "${scenarios[@]}"; do pyargs+=(--scenario "$s"); done
+for t in "${only[@]}"; do pyargs+=(--tool "$t"); done
 cmdline="scripts/bench.sh"
 [ "$quick" = 1 ] && cmdline+=" --quick"
 [ "$quick" = 1 ] || cmdline+=" --runs $runs"
@@ -110,6 +114,7 @@ cmdline="scripts/bench.sh"
 [ "$rtt" != 0 ] && cmdline+=" --rtt ${rtt}ms"
 [ "$dest_rtt" != 0 ] && cmdline+=" --dest-rtt ${dest_rtt}ms"
 for s in "${scenarios[@]}"; do cmdline+=" --scenario $s"; done
+for t in "${only[@]}"; do cmdline+=" --tool $t"; done
 for a in "${im_args[@]}"; do pyargs+=("--im-arg=$a"); cmdline+=" --im-arg=$a"; done
 pyargs+=(--command "$cmdline")
 

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what the tests and the demo need on a fresh Debian machine (run as root):
 #   docker-registry (CNCF distribution), skopeo, htpasswd (apache2-utils), curl, GNU time,
+#   strace (the benchmark counts each tool's connect() calls with it),
 #   lua5.1 (the Argo CD health check test),
 #   and helm (scripts/install-helm.sh). Idempotent: installs nothing already present.
 set -euo pipefail
@@ -14,6 +15,7 @@ command -v skopeo >/dev/null 2>&1 || missing+=(skopeo)
 command -v htpasswd >/dev/null 2>&1 || missing+=(apache2-utils)
 command -v curl >/dev/null 2>&1 || missing+=(curl)
 [ -x /usr/bin/time ] || missing+=(time)
+command -v strace >/dev/null 2>&1 || missing+=(strace)
 command -v unzip >/dev/null 2>&1 || missing+=(unzip)
 command -v lua5.1 >/dev/null 2>&1 || missing+=(lua5.1)
 

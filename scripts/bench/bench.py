@@ -129,20 +129,22 @@ class Runner:
                 os.chmod(home, 0o777)
                 cmd = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"] + cmd
         os.chmod(yaml, 0o644)
-        full = ["/usr/bin/time", "-v", "-o", timef] + cmd
+        tracef = os.path.join(rdir, "connects.strace")
+        # time(1) waits for strace, which waits for the tool: its peak RSS and CPU are the
+        # tool's (strace's own are far smaller: it wakes only at connect()).
+        full = ["/usr/bin/time", "-v", "-o", timef] + traced(cmd, tracef)
         # Write back what earlier runs left dirty (and the removed registries' trees), so a run
         # does not pay for its predecessor's disk writes.
         os.sync()
         src_off, dst_off = src.log_offset(), dst.log_offset()
         proxies = [r.proxy for r in (src, dst) if r.proxy]
-        sampler = ConnSampler({int(src.front.rsplit(":", 1)[1]), int(dst.front.rsplit(":", 1)[1])})
         cpu0 = (src.cpu(), dst.cpu(), machine_busy_seconds(), sum(p.cpu() for p in proxies))
         t0 = time.monotonic()
         with open(outf, "wb") as out:
             rc = subprocess.call(full, stdout=out, stderr=subprocess.STDOUT, env=env,
                                  stdin=subprocess.DEVNULL)
         elapsed = time.monotonic() - t0
-        conns = sampler.finish()
+        conns = count_connects(tracef, {int(src.front.rsplit(":", 1)[1]), int(dst.front.rsplit(":", 1)[1])})
         src_end, dst_end = settle(src, dst)
         cpu1 = (src.cpu(), dst.cpu(), machine_busy_seconds(), sum(p.cpu() for p in proxies))
         failure = None
@@ -159,8 +161,9 @@ class Runner:
         cpu_proxy = cpu1[3] - cpu0[3]
         src_req = src.requests_between(src_off, src_end)
         dst_req = dst.requests_between(dst_off, dst_end)
-        src_req["conns"] = conns[int(src.front.rsplit(":", 1)[1])]
-        dst_req["conns"] = conns[int(dst.front.rsplit(":", 1)[1])]
+        if conns:
+            src_req["conns"] = conns[int(src.front.rsplit(":", 1)[1])]
+            dst_req["conns"] = conns[int(dst.front.rsplit(":", 1)[1])]
         settled = re.findall(r"settled at (\d+) of (\d+) for registry ([^\s\x1b]+)",
                              open(outf, errors="replace").read()) \
             if tool == "imagemirror" else []
@@ -198,6 +201,8 @@ def main():
     ap.add_argument("--referrers", action="store_true", help="imagemirror with spec.referrers.enabled")
     ap.add_argument("--im-arg", action="append", default=[], help="extra `imagemirror mirror` argument")
     ap.add_argument("--tls", action="store_true", help="registries serve HTTPS (private CA)")
+    ap.add_argument("--tool", action="append", choices=TOOLS, default=[],
+                    help="run only this tool (repeatable; default both)")
     ap.add_argument("--rtt-ms", type=float, default=0.0, help="round trip added before the source")
     ap.add_argument("--dest-rtt-ms", type=float, default=0.0, help="round trip added before the destination")
     args = ap.parse_args()
@@ -264,7 +269,8 @@ def run(args, runner, scenarios, wanted):
         f"scenario: " + ", ".join(f"{s} {fmt_bytes(unique[s])} ({len(views[s][0])} manifests, "
                                   f"{len(scenarios[s].tags())} tags)" for s in wanted))
 
-    results = {s: {t: [] for t in TOOLS} for s in wanted}
+    tools = [t for t in TOOLS if not args.tool or t in args.tool]
+    results = {s: {t: [] for t in tools} for s in wanted}
     failures = []
     warm_dest = {}
     runs = 1 if args.quick else args.runs
@@ -273,7 +279,7 @@ def run(args, runner, scenarios, wanted):
     for scen in wanted:
         data = scenarios[scen]
         if scen == "warm":
-            for tool in TOOLS:
+            for tool in tools:
                 if tool not in warm_dest:
                     dst = runner.new_registry(f"warm-{tool}", args.dest_rtt_ms / 2)
                     log(f"warm: populating {dst.addr} with a cold standard run of {tool} (not measured)")
@@ -290,7 +296,7 @@ def run(args, runner, scenarios, wanted):
                             raise BenchError(f"warm: could not prepare the destination with {tool}")
                     warm_dest[tool] = dst
         for i in range(runs):
-            order = TOOLS if i % 2 == 0 else TOOLS[::-1]
+            order = tools if i % 2 == 0 else tools[::-1]
             for tool in order:
                 tag = f"{scen}-{tool}-{i + 1}"
                 if scen == "export":

@@ -90,7 +90,7 @@ def report(results, unique, meta, failures):
                     protos |= set(r[side].get("protocols", {}))
             settled = "; ".join(sorted({f"{reg} {n}/{cap}" for r in runs
                                         for n, cap, reg in r.get("settled", [])}))
-            lines.append(f"| {scen} | {tool} | {med[tool]:.2f} s ({walls}) | {ratio} | {rss:.0f} MiB | "
+            lines.append(f"| {scen} | {tool} | {med[tool]:.2f} s ({walls}) | {ratio} | {rss:.1f} MiB | "
                          f"{fmt_methods(runs, 'src')} | {dst} | "
                          f"{fmt_bytes(read)} / {fmt_bytes(u)} = {rel} | {cpu} | {per_gib} | {conns} | "
                          f"{', '.join(sorted(protos))} | {settled or '-'} |")
@@ -104,8 +104,8 @@ def report(results, unique, meta, failures):
                  "process during the run, and of everything else on the machine (other users' builds: "
                  "a high number means the run competed for the CPUs; the latency proxies' CPU is left out of it). "
                  "CPU per GiB: the tool's CPU seconds over the scenario's unique bytes. Connections: TCP "
-                 "connections the tool opened to each registry (or its latency proxy), sampled from "
-                 "/proc/net/tcp every 10 ms (a lower bound). Protocol: as the registries' access logs "
+                 "connections the tool opened to each registry (or its latency proxy): its connect() calls "
+                 "to that port, traced with `strace --seccomp-bpf -e trace=connect` (exact). Protocol: as the registries' access logs "
                  "record it. Settled concurrency: imagemirror's adaptive limit per registry at the end "
                  "(of the cap). Cold scenarios copy into a fresh registry every run; warm "
                  "re-runs standard against a destination that already has everything. Export copies the standard "
