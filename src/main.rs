@@ -90,9 +90,9 @@ struct EngineArgs {
     /// Stall watchdog: bytes a transfer must move in every --stall-window (KiB, MiB).
     #[arg(long, value_parser = cli::parse_size, default_value = "1KiB")]
     stall_min_bytes: u64,
-    /// HTTP version per kind of request: auto (blob bodies over HTTP/1.1 connections, other
-    /// requests over HTTP/2 where the registry offers it), http1 (everything HTTP/1.1), http2
-    /// (everything HTTP/2 where offered).
+    /// HTTP version per kind of request: auto (blob bodies over 1 MiB over HTTP/1.1
+    /// connections, other requests and smaller blobs over HTTP/2 where the registry offers it),
+    /// http1 (everything HTTP/1.1), http2 (everything HTTP/2 where offered).
     #[arg(long, value_enum, default_value_t = HttpArg::Auto)]
     http: HttpArg,
 }

@@ -341,6 +341,7 @@ impl Registry for Layout {
         _repo: &'a str,
         digest: &'a str,
         offset: u64,
+        _size: u64,
     ) -> BoxFuture<'a, Result<BlobStream>> {
         async move {
             match &self.backend {

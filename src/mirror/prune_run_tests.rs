@@ -137,7 +137,13 @@ impl Registry for Fake {
     fn blob_size<'a>(&'a self, _: &'a str, _: &'a str) -> BoxFuture<'a, Result<Option<u64>>> {
         unused()
     }
-    fn get_blob<'a>(&'a self, _: &'a str, _: &'a str, _: u64) -> BoxFuture<'a, Result<BlobStream>> {
+    fn get_blob<'a>(
+        &'a self,
+        _: &'a str,
+        _: &'a str,
+        _: u64,
+        _: u64,
+    ) -> BoxFuture<'a, Result<BlobStream>> {
         unused()
     }
     fn begin_upload<'a>(

@@ -30,15 +30,23 @@ impl RegistryClient {
         }
     }
 
-    /// Streams a blob from byte `offset` on. The stream yields the registry's chunks as they
-    /// arrive; nothing is buffered beyond them.
-    pub async fn get_blob(&self, repo: &str, digest: &str, offset: u64) -> Result<BlobStream> {
+    /// Streams a blob of `size` bytes (its descriptor's) from byte `offset` on. The stream
+    /// yields the registry's chunks as they arrive; nothing is buffered beyond them. `size`
+    /// only picks the connection (see [`super::HttpMode`]); the caller verifies the bytes.
+    pub async fn get_blob(
+        &self,
+        repo: &str,
+        digest: &str,
+        offset: u64,
+        size: u64,
+    ) -> Result<BlobStream> {
         let what = self.what(repo, digest);
         let url = self.t.url(&format!("/v2/{repo}/blobs/{digest}"));
+        let client = self.t.blob_http(size.saturating_sub(offset));
         let resp = self
             .t
             .send(&what, &Access::Pull(repo.into()), || {
-                let req = self.t.blob_http.get(&url);
+                let req = client.get(&url);
                 if offset > 0 {
                     req.header(RANGE, format!("bytes={offset}-"))
                 } else {

@@ -26,7 +26,7 @@ use futures_util::stream::BoxStream;
 
 pub use auth::{Credentials, DockerConfig};
 pub use error::{RegistryError, Result};
-pub use http::{HttpClients, HttpMode};
+pub use http::{HttpClients, HttpMode, SMALL_BLOB};
 pub use manifest::{Descriptor, Manifest, ManifestHead, Parsed, TagList};
 pub use reference::Repository;
 pub use referrers::{Referrer, ReferrerList};
@@ -68,12 +68,15 @@ pub trait Registry: Send + Sync {
         repo: &'a str,
         digest: &'a str,
     ) -> BoxFuture<'a, Result<Option<u64>>>;
-    /// Stream a blob from `offset` on.
+    /// Stream a blob from `offset` on. `size` is the blob's size from its descriptor: a hint
+    /// for how to carry it (the HTTP client sends small ones over HTTP/2 where offered, see
+    /// [`HttpMode`]), not checked here; the caller verifies what arrives.
     fn get_blob<'a>(
         &'a self,
         repo: &'a str,
         digest: &'a str,
         offset: u64,
+        size: u64,
     ) -> BoxFuture<'a, Result<BlobStream>>;
     /// Opens an upload session in `repo`. With `mount`, asks first to link the blob from
     /// another repository of the same registry: [`MountOutcome::Mounted`] when it did, else
@@ -209,8 +212,9 @@ impl Registry for RegistryClient {
         repo: &'a str,
         digest: &'a str,
         offset: u64,
+        size: u64,
     ) -> BoxFuture<'a, Result<BlobStream>> {
-        RegistryClient::get_blob(self, repo, digest, offset).boxed()
+        RegistryClient::get_blob(self, repo, digest, offset, size).boxed()
     }
     fn begin_upload<'a>(
         self: Arc<Self>,

@@ -86,8 +86,8 @@ pub(crate) const MAX_TOKEN_BODY: usize = 256 * 1024;
 pub(crate) struct Transport {
     /// For requests without a blob body: manifests, HEADs, tag lists, upload sessions.
     pub(crate) http: reqwest::Client,
-    /// For blob bodies (GET, upload PUT/PATCH); see [`HttpMode`].
-    pub(crate) blob_http: reqwest::Client,
+    /// For blob bodies (GET, upload PUT/PATCH), by size: see [`Transport::blob_http`].
+    clients: ClientPair,
     /// `https://host:port` or `http://host:port`.
     pub(crate) base: String,
     /// The host, for messages.
@@ -122,8 +122,8 @@ impl Transport {
         let mode = shared.map_or(HttpMode::default(), HttpClients::mode);
         let gated = !options.plain_http && mode != HttpMode::Http1;
         Ok(Transport {
-            http: pair.meta,
-            blob_http: pair.blob,
+            http: pair.meta.clone(),
+            clients: pair,
             base: format!("{scheme}://{host}"),
             host: host.to_string(),
             credentials: options.credentials.clone(),
@@ -131,6 +131,13 @@ impl Transport {
             first: gated.then(|| Mutex::new(())),
             contacted: std::sync::atomic::AtomicBool::new(false),
         })
+    }
+
+    /// The client for a request carrying `bytes` bytes of blob: under [`HttpMode::Auto`] the
+    /// HTTP/1.1 pool for bodies over [`super::http::SMALL_BLOB`], else the one of requests
+    /// without a body (HTTP/2 where offered).
+    pub(crate) fn blob_http(&self, bytes: u64) -> &reqwest::Client {
+        self.clients.for_body(bytes)
     }
 
     /// An absolute URL for a path under the registry (one we built).

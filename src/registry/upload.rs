@@ -206,7 +206,7 @@ impl RegistryClient {
             .send(&what, &Access::Push(repo.into()), || {
                 let req = self
                     .t
-                    .blob_http
+                    .blob_http(size)
                     .put(&url)
                     .header(CONTENT_TYPE, "application/octet-stream")
                     .header(CONTENT_LENGTH, size);
@@ -239,7 +239,7 @@ impl RegistryClient {
             .send(&what, &Access::Push(repo.into()), || {
                 let req = self
                     .t
-                    .blob_http
+                    .blob_http(len)
                     .patch(location)
                     .header(CONTENT_TYPE, "application/octet-stream")
                     .header(CONTENT_RANGE, format!("{offset}-{end}"))

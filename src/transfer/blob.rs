@@ -154,7 +154,9 @@ async fn move_bytes(
         // Blind, nothing can make the source's bytes unneeded: ask for them while the session
         // opens, one round trip fewer per small blob.
         let (opened, source) = if blind {
-            let source = req.source.get_blob(&req.source_repo, &req.digest, 0);
+            let source = req
+                .source
+                .get_blob(&req.source_repo, &req.digest, 0, req.size);
             let (opened, source) = tokio::join!(open_session(req, mount_from), source);
             let source = source.map_err(|e| TransferError::source(req, e));
             (opened?, Some(source))
@@ -224,7 +226,7 @@ async fn put_whole(
         Some(source) => source?,
         None => req
             .source
-            .get_blob(&req.source_repo, digest, 0)
+            .get_blob(&req.source_repo, digest, 0, req.size)
             .await
             .map_err(|e| TransferError::source(req, e))?,
     };

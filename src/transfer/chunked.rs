@@ -214,7 +214,8 @@ impl Source {
         &self,
         offset: u64,
     ) -> futures_util::future::BoxFuture<'_, Result<BlobStream, RegistryError>> {
-        self.registry.get_blob(&self.repo, &self.digest, offset)
+        self.registry
+            .get_blob(&self.repo, &self.digest, offset, self.size)
     }
 
     fn offset(&self) -> u64 {

@@ -76,8 +76,8 @@ pub struct EngineConfig {
     /// Default: under 1 KiB in 60 s.
     pub stall: Option<StallWatchdog>,
     /// Which HTTP version carries blob bodies and other requests (registry clients built
-    /// through a `ClientPool` made with it). Default: HTTP/1.1 for blobs, HTTP/2 where offered
-    /// for the rest.
+    /// through a `ClientPool` made with it). Default: HTTP/1.1 for blob bodies over
+    /// [`SMALL_BLOB`], HTTP/2 where offered for the rest.
     pub http: crate::registry::HttpMode,
 }
 
@@ -91,7 +91,8 @@ const MIN_CHUNK: u64 = 64 * 1024;
 /// Four rather than two: at 50 ms of round trip a small blob's slot is mostly waiting, and
 /// the many-small-tags benchmark over TLS is bound by how many of them are in flight
 /// (docs/performance.md).
-pub const SMALL_BLOB: u64 = 1024 * 1024;
+/// The same size picks the HTTP client of a blob body ([`crate::registry::SMALL_BLOB`]).
+pub const SMALL_BLOB: u64 = crate::registry::SMALL_BLOB;
 const BIG_UNITS: u32 = 4;
 
 /// Units of the limits a transfer of `size` bytes holds.

@@ -372,8 +372,9 @@ impl<R: Registry + ?Sized + 'static> Registry for RateLimited<R> {
         repo: &'a str,
         digest: &'a str,
         offset: u64,
+        size: u64,
     ) -> BoxFuture<'a, Result<BlobStream>> {
-        self.paced_again(move || self.inner.get_blob(repo, digest, offset))
+        self.paced_again(move || self.inner.get_blob(repo, digest, offset, size))
     }
     fn begin_upload<'a>(
         self: Arc<Self>,

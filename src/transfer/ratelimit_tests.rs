@@ -160,7 +160,13 @@ impl Registry for Fake {
         }
         .boxed()
     }
-    fn get_blob<'a>(&'a self, _: &'a str, _: &'a str, _: u64) -> BoxFuture<'a, Result<BlobStream>> {
+    fn get_blob<'a>(
+        &'a self,
+        _: &'a str,
+        _: &'a str,
+        _: u64,
+        _: u64,
+    ) -> BoxFuture<'a, Result<BlobStream>> {
         unused()
     }
     fn begin_upload<'a>(

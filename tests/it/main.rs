@@ -10,6 +10,7 @@ mod copy;
 mod crd;
 mod faults;
 mod hostile;
+mod http_versions;
 mod kube_api;
 mod layout;
 mod layout_crash;

@@ -26,6 +26,8 @@ pub struct TestRegistry {
 pub struct Answered {
     /// `METHOD /path?query`.
     pub request: String,
+    /// The request's protocol as the registry saw it: `HTTP/1.1` or `HTTP/2.0`.
+    pub protocol: String,
     /// The HTTP status.
     pub status: u16,
     /// Response body bytes.
@@ -211,12 +213,14 @@ impl TestRegistry {
                     .lines()
                     .filter_map(|l| {
                         let mut parts = l.split('"');
-                        let request = parts.nth(1)?.rsplit_once(' ')?.0.to_string();
+                        let (request, protocol) = parts.nth(1)?.rsplit_once(' ')?;
+                        let (request, protocol) = (request.to_string(), protocol.to_string());
                         let mut after = parts.next()?.split_whitespace();
                         let status = after.next()?.parse().ok()?;
                         let bytes = after.next()?.parse().unwrap_or(0);
                         Some(Answered {
                             request,
+                            protocol,
                             status,
                             bytes,
                         })
