@@ -343,6 +343,10 @@ fn main() -> ExitCode {
     };
     let bars = (mode == ProgressMode::Bars).then(Bars::new);
     init_logging(args.log_format, &args.log_level, bars.as_ref());
+    if matches!(args.command, Command::Mirror(_) | Command::Controller(_)) {
+        // Reading the system's CA certificates overlaps parsing the input and starting up.
+        imagemirror::registry::preload_root_certificates();
+    }
     match args.command {
         Command::Controller(c) => match tokio::runtime::Runtime::new() {
             Ok(rt) => rt.block_on(run_controller(c)),

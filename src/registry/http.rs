@@ -62,10 +62,12 @@ impl ClientPair {
         options: &super::RegistryOptions,
         mode: HttpMode,
     ) -> std::result::Result<Self, String> {
-        let meta = build(options, mode != HttpMode::Http1)?;
+        // One verifier (one copy of the roots) for both clients.
+        let tls = super::roots::client_config(options)?;
+        let meta = build(tls.clone(), mode != HttpMode::Http1)?;
         let blob = match mode {
             HttpMode::Http2 => meta.clone(),
-            HttpMode::Auto | HttpMode::Http1 => build(options, false)?,
+            HttpMode::Auto | HttpMode::Http1 => build(tls, false)?,
         };
         // http1 keeps its own pool for blob bodies of any size, as before; under http2 both
         // clients are one.
@@ -91,8 +93,8 @@ impl ClientPair {
     }
 }
 
-/// HTTP clients by TLS settings, for registry clients to share: building one loads and parses
-/// the system's root certificates (~5 ms each), and clones share one connection pool, which
+/// HTTP clients by TLS settings, for registry clients to share: each TLS setting has its own
+/// verifier (a copy of the system's roots, see roots.rs), and clones share one connection pool, which
 /// keys connections by host anyway. Use one per runtime (pooled connections belong to the
 /// runtime that opened them).
 #[derive(Default)]
@@ -138,12 +140,16 @@ impl HttpClients {
     }
 }
 
-/// One reqwest client; `h2`: offer HTTP/2 in ALPN (with bulk-sized windows), else HTTP/1.1 only.
-fn build(
-    options: &super::RegistryOptions,
-    h2: bool,
-) -> std::result::Result<reqwest::Client, String> {
+/// One reqwest client over `tls`; `h2`: offer HTTP/2 in ALPN (with bulk-sized windows), else
+/// HTTP/1.1 only.
+fn build(mut tls: rustls::ClientConfig, h2: bool) -> std::result::Result<reqwest::Client, String> {
+    tls.alpn_protocols = if h2 {
+        vec![b"h2".to_vec(), b"http/1.1".to_vec()]
+    } else {
+        vec![b"http/1.1".to_vec()]
+    };
     let mut builder = reqwest::Client::builder()
+        .tls_backend_preconfigured(tls)
         .connect_timeout(Duration::from_secs(15))
         // A stalled connection must fail so the retry can start; a slow but moving blob must not.
         .read_timeout(Duration::from_secs(60))
@@ -162,7 +168,8 @@ fn build(
                 attempt.follow()
             }
         }))
-        .tls_danger_accept_invalid_certs(options.insecure_skip_tls_verify);
+        // Tells each registry's first request when its connection is up (first_contact.rs).
+        .connector_layer(super::first_contact::ConnectWatchLayer);
     builder = if h2 {
         builder
             .http2_initial_stream_window_size(H2_STREAM_WINDOW)
@@ -171,15 +178,5 @@ fn build(
     } else {
         builder.http1_only()
     };
-    if let Some(pem) = &options.ca_pem {
-        let certs = reqwest::Certificate::from_pem_bundle(pem)
-            .map_err(|e| format!("CA certificates do not parse: {e}"))?;
-        if certs.is_empty() {
-            return Err("CA bundle holds no certificate".into());
-        }
-        for cert in certs {
-            builder = builder.add_root_certificate(cert);
-        }
-    }
     builder.build().map_err(|e| format!("HTTP client: {e}"))
 }

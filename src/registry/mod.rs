@@ -7,10 +7,12 @@ mod blob;
 mod delete;
 pub mod digest;
 mod error;
+mod first_contact;
 mod http;
 pub mod manifest;
 pub mod reference;
 pub mod referrers;
+mod roots;
 mod transport;
 mod upload;
 
@@ -30,6 +32,7 @@ pub use http::{HttpClients, HttpMode, SMALL_BLOB};
 pub use manifest::{Descriptor, Manifest, ManifestHead, Parsed, TagList};
 pub use reference::Repository;
 pub use referrers::{Referrer, ReferrerList};
+pub use roots::preload as preload_root_certificates;
 pub use transport::RegistryOptions;
 pub use upload::{Mount, MountOutcome, UploadSession};
 

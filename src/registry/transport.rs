@@ -11,6 +11,7 @@ use tokio::sync::Mutex;
 
 use super::auth::{Challenge, Credentials, Token, TokenResponse};
 use super::error::{RegistryError, Result};
+use super::first_contact::Gate;
 use super::http::{ClientPair, HttpClients, HttpMode};
 
 /// How to reach one registry. Every field defaults to the safe choice.
@@ -94,11 +95,9 @@ pub(crate) struct Transport {
     pub(crate) host: String,
     credentials: Option<Credentials>,
     auth: Mutex<AuthState>,
-    /// Held by the first request to an HTTPS registry until its answer arrives; see
-    /// [`Transport::first_contact`]. `None`: no gate (plain HTTP, or HTTP/1.1 only).
-    first: Option<Mutex<()>>,
-    /// The registry has answered once (or failed to): requests no longer wait at the gate.
-    contacted: std::sync::atomic::AtomicBool,
+    /// Until an HTTPS registry's first connection is up, its requests go one at a time (see
+    /// [`Gate`]). `None`: no gate (plain HTTP, or HTTP/1.1 only).
+    gate: Option<Gate>,
 }
 
 impl Transport {
@@ -128,8 +127,7 @@ impl Transport {
             host: host.to_string(),
             credentials: options.credentials.clone(),
             auth: Mutex::new(AuthState::default()),
-            first: gated.then(|| Mutex::new(())),
-            contacted: std::sync::atomic::AtomicBool::new(false),
+            gate: gated.then(Gate::new),
         })
     }
 
@@ -239,33 +237,11 @@ impl Transport {
             Some(h) => req.header(AUTHORIZATION, h),
             None => req,
         };
-        let gate = self.first_contact().await;
-        let resp = req
-            .send()
-            .await
-            .map_err(|e| RegistryError::transport(what, &e));
-        self.contacted
-            .store(true, std::sync::atomic::Ordering::Release);
-        drop(gate);
-        resp
-    }
-
-    /// Until an HTTPS registry has answered once, requests go one at a time. Whether it speaks
-    /// HTTP/2 is learnt in the TLS handshake (ALPN), and until a connection has learnt it the
-    /// pool cannot know that one connection will do: every request that starts together opens
-    /// its own, so a sync of 31 tags opened ~30 TLS connections per registry (handshakes cost
-    /// CPU on both ends and, across a WAN, the same round trips the first one pays). Waiting
-    /// costs the others nothing on HTTP/2 (they could not be answered before a handshake
-    /// anyway) and, on an HTTP/1.1-only registry, one round trip once. Any answer, or a
-    /// failure, opens the gate for good, so a dead registry does not serialise its timeouts.
-    async fn first_contact(&self) -> Option<tokio::sync::MutexGuard<'_, ()>> {
-        use std::sync::atomic::Ordering;
-        let first = self.first.as_ref()?;
-        if self.contacted.load(Ordering::Acquire) {
-            return None;
-        }
-        let guard = first.lock().await;
-        (!self.contacted.load(Ordering::Acquire)).then_some(guard)
+        let resp = match &self.gate {
+            Some(gate) => gate.send(req).await,
+            None => req.send().await,
+        };
+        resp.map_err(|e| RegistryError::transport(what, &e))
     }
 
     /// The Authorization header for `access`, fetching a token when needed. `after_challenge`

@@ -9,6 +9,7 @@ mod controller_prune;
 mod copy;
 mod crd;
 mod faults;
+mod first_contact;
 mod hostile;
 mod http_versions;
 mod kube_api;
