@@ -27,19 +27,11 @@
 //!
 //! The limit stays within `[1, max]` and starts at the configured value. Decreases take effect
 //! without cancelling anything: the slots are withheld as running transfers release them.
-//!
-//! Transfers waiting for a slot are served **largest first** (ties in arrival order): the
-//! longest-processing-time rule for the makespan. A sync is done when its last blob is; a
-//! large blob that happened to queue behind many small ones would otherwise run alone at the
-//! end, one stream that cannot keep the machine busy (measured on the standard set: about a
-//! second at 40–65 % of two cores). Strictly in that order: a slot is never handed to a
-//! smaller transfer while a larger one waits for more units than are free, so nothing starves.
 
-use std::collections::BinaryHeap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 /// Shortest window of completions judged for growth (shorter ones are mostly noise).
 const MIN_WINDOW: Duration = Duration::from_millis(250);
@@ -73,49 +65,6 @@ pub(crate) struct AdaptiveLimit {
     max: u32,
     adaptive: bool,
     state: Mutex<State>,
-    /// Transfers waiting for units, largest first. Locked before `state` when both are.
-    queue: Mutex<Queue>,
-}
-
-#[derive(Default)]
-struct Queue {
-    waiting: BinaryHeap<Waiter>,
-    /// Arrival counter: equal sizes are served in arrival order.
-    arrivals: u64,
-}
-
-/// A transfer waiting for `units`; its permit is sent through `tx`.
-struct Waiter {
-    size: u64,
-    arrival: u64,
-    units: u32,
-    tx: oneshot::Sender<OwnedSemaphorePermit>,
-}
-
-impl Waiter {
-    fn key(&self) -> (u64, std::cmp::Reverse<u64>) {
-        (self.size, std::cmp::Reverse(self.arrival))
-    }
-}
-
-impl PartialEq for Waiter {
-    fn eq(&self, other: &Self) -> bool {
-        self.key() == other.key()
-    }
-}
-
-impl Eq for Waiter {}
-
-impl PartialOrd for Waiter {
-    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
-        Some(self.cmp(other))
-    }
-}
-
-impl Ord for Waiter {
-    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
-        self.key().cmp(&other.key())
-    }
 }
 
 struct State {
@@ -171,12 +120,7 @@ impl AdaptiveLimit {
                 grew: false,
                 hold: 0,
             }),
-            queue: Mutex::default(),
         }
-    }
-
-    fn queue(&self) -> std::sync::MutexGuard<'_, Queue> {
-        self.queue.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn state(&self) -> std::sync::MutexGuard<'_, State> {
@@ -193,61 +137,23 @@ impl AdaptiveLimit {
         self.max
     }
 
-    /// Waits for `units` units (at most `unit`) for a transfer of `size` bytes; larger
-    /// transfers are served first. `None` only if the limit is gone.
-    pub(crate) async fn acquire(self: &Arc<Self>, units: u32, size: u64) -> Option<LimitPermit> {
-        let units = (units as usize).min(self.unit) as u32;
-        let rx = {
-            let mut queue = self.queue();
-            if queue.waiting.is_empty()
-                && let Ok(permit) = self.sem.clone().try_acquire_many_owned(units)
-            {
-                return Some(self.permit(permit));
-            }
+    /// Waits for `units` units (at most `unit`).
+    pub(crate) async fn acquire(self: &Arc<Self>, units: u32) -> Option<LimitPermit> {
+        let units = (units as usize).min(self.unit);
+        if self.sem.available_permits() < units {
             self.state().binding = true;
-            let (tx, rx) = oneshot::channel();
-            queue.arrivals += 1;
-            let arrival = queue.arrivals;
-            queue.waiting.push(Waiter {
-                size,
-                arrival,
-                units,
-                tx,
-            });
-            rx
-        };
-        // Units may have come free between the failed try and the push.
-        self.dispatch();
-        // A waiter dropped here (its transfer cancelled) is skipped by `dispatch`; a permit
-        // sent to it just before is dropped with the receiver and its units go back.
-        let permit = rx.await.ok()?;
-        Some(self.permit(permit))
-    }
-
-    fn permit(self: &Arc<Self>, permit: OwnedSemaphorePermit) -> LimitPermit {
-        LimitPermit {
+        }
+        let permit = self
+            .sem
+            .clone()
+            .acquire_many_owned(units as u32)
+            .await
+            .ok()?;
+        Some(LimitPermit {
             limit: self.clone(),
             permit: Some(permit),
             started: Instant::now(),
-        }
-    }
-
-    /// Hands free units to waiting transfers, largest first, until the largest waiting one
-    /// does not fit. Called whenever units come free or transfers start waiting.
-    fn dispatch(&self) {
-        let mut queue = self.queue();
-        while let Some(top) = queue.waiting.peek_mut() {
-            if top.tx.is_closed() {
-                std::collections::binary_heap::PeekMut::pop(top);
-                continue;
-            }
-            let Ok(permit) = self.sem.clone().try_acquire_many_owned(top.units) else {
-                break;
-            };
-            let waiter = std::collections::binary_heap::PeekMut::pop(top);
-            // A receiver that went away in the meantime: the units go back with the permit.
-            let _ = waiter.tx.send(permit);
-        }
+        })
     }
 
     fn set_limit(&self, st: &mut State, new: u32) {
@@ -271,12 +177,6 @@ impl AdaptiveLimit {
         if !self.adaptive {
             return;
         }
-        self.adapt(started, signal);
-        // A step up added units.
-        self.dispatch();
-    }
-
-    fn adapt(&self, started: Instant, signal: Signal) {
         let now = Instant::now();
         let mut st = self.state();
         match signal {
@@ -358,7 +258,6 @@ impl AdaptiveLimit {
         }
         drop(st);
         drop(permit);
-        self.dispatch();
     }
 }
 
@@ -430,7 +329,7 @@ mod tests {
     #[tokio::test]
     async fn a_decrease_withholds_slots_until_running_transfers_release_them() {
         let l = Arc::new(AdaptiveLimit::new(4, 4, 2, true));
-        let held: Vec<_> = futures_util::future::join_all((0..4).map(|_| l.acquire(2, 1)))
+        let held: Vec<_> = futures_util::future::join_all((0..4).map(|_| l.acquire(2)))
             .await
             .into_iter()
             .map(Option::unwrap)
@@ -484,76 +383,6 @@ mod tests {
             done(&l, n, 1 << 20, t);
         }
         assert!(l.current() <= 3);
-    }
-
-    #[tokio::test]
-    async fn waiting_transfers_are_served_largest_first_and_cancelled_ones_are_skipped() {
-        let l = Arc::new(AdaptiveLimit::new(1, 1, 4, false));
-        let running = l.acquire(4, 1).await.unwrap();
-        let order = Arc::new(Mutex::new(Vec::new()));
-        let mut tasks = Vec::new();
-        for size in [10u64, 300 << 20, 7, 100 << 20, 10] {
-            let (limit, order) = (l.clone(), order.clone());
-            tasks.push(tokio::spawn(async move {
-                let p = limit.acquire(4, size).await.unwrap();
-                order.lock().unwrap().push(size);
-                drop(p);
-            }));
-            // Each waits before the next arrives: arrival order is the spawn order.
-            while l.queue().waiting.len() < tasks.len() {
-                tokio::task::yield_now().await;
-            }
-        }
-        // A transfer cancelled while it waits gives up its place and holds nothing.
-        let cancelled = tokio::spawn({
-            let l = l.clone();
-            async move { l.acquire(4, u64::MAX).await.map(drop) }
-        });
-        while l.queue().waiting.len() < 6 {
-            tokio::task::yield_now().await;
-        }
-        cancelled.abort();
-        let _ = cancelled.await;
-        drop(running);
-        for t in tasks {
-            t.await.unwrap();
-        }
-        assert_eq!(
-            *order.lock().unwrap(),
-            vec![300 << 20, 100 << 20, 10, 10, 7],
-            "largest first, equal sizes in arrival order"
-        );
-        assert_eq!(l.sem.available_permits(), 4, "every unit came back");
-        assert!(l.queue().waiting.is_empty());
-    }
-
-    #[tokio::test]
-    async fn a_large_transfer_waiting_for_units_is_not_passed_by_small_ones() {
-        let l = Arc::new(AdaptiveLimit::new(1, 1, 4, false));
-        let small = l.acquire(1, 10).await.unwrap();
-        assert_eq!(l.sem.available_permits(), 3);
-        let big = tokio::spawn({
-            let l = l.clone();
-            async move { l.acquire(4, 1 << 30).await.unwrap() }
-        });
-        while l.queue().waiting.is_empty() {
-            tokio::task::yield_now().await;
-        }
-        // Three units are free, but the big transfer waits for four: a small one queues too.
-        let late = tokio::spawn({
-            let l = l.clone();
-            async move { l.acquire(1, 10).await.unwrap() }
-        });
-        while l.queue().waiting.len() < 2 {
-            tokio::task::yield_now().await;
-        }
-        assert_eq!(l.sem.available_permits(), 3);
-        drop(small);
-        let big = big.await.unwrap();
-        assert!(!late.is_finished());
-        drop(big);
-        drop(late.await.unwrap());
-        assert_eq!(l.sem.available_permits(), 4);
     }
 
     #[tokio::test]

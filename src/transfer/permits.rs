@@ -45,8 +45,8 @@ impl Engine {
         out
     }
 
-    /// Permits for a transfer of `size` bytes between two registries (larger transfers are
-    /// served first where they queue): per registry in name order first (so two transfers never wait on each other's registry permit), then the
+    /// Permits for a transfer of `size` bytes between two registries: per registry in name
+    /// order first (so two transfers never wait on each other's registry permit), then the
     /// global one, so a queue on one busy registry holds no global slot an idle registry
     /// could use.
     pub(super) async fn permits(&self, a: &str, b: &str, size: u64) -> Permits {
@@ -56,7 +56,7 @@ impl Engine {
         hosts.sort();
         hosts.dedup();
         for h in hosts {
-            if let Some(p) = self.transfer_limit(&h).acquire(n, size).await {
+            if let Some(p) = self.transfer_limit(&h).acquire(n).await {
                 limits.push((h, p));
             }
         }
