@@ -1,6 +1,7 @@
 """Shared by the benchmark's modules: media types, logging, a small HTTP client, and the
 registries (start, stop, CPU time, access-log counts)."""
 
+import functools
 import hashlib
 import json
 import http.client
@@ -217,16 +218,15 @@ class LatencyProxy:
 STRACE_CONNECT = ["strace", "-f", "-qq", "--seccomp-bpf", "-e", "trace=connect", "-e", "signal=none"]
 
 
-def _strace_works():
+@functools.cache
+def strace_works():
+    """Whether strace can trace here; where ptrace is not allowed (some containers), tools run
+    untraced and connections show "-". Probed once, on first use (not when imported)."""
     try:
         return subprocess.run(STRACE_CONNECT + ["-o", os.devnull, "true"],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).returncode == 0
     except OSError:
         return False
-
-
-# Where ptrace is not allowed (some containers), tools run untraced and connections show "-".
-STRACE_OK = _strace_works()
 
 
 def traced(cmd, trace_file):
@@ -235,13 +235,13 @@ def traced(cmd, trace_file):
     tool runs at full speed; the count is exact, where sampling /proc/net/tcp every 10 ms
     missed short connections and cost a third of a core in this Python process (it showed up
     as "other" CPU competing with the tools)."""
-    return STRACE_CONNECT + ["-o", trace_file] + cmd if STRACE_OK else cmd
+    return STRACE_CONNECT + ["-o", trace_file] + cmd if strace_works() else cmd
 
 
 def count_connects(trace_file, ports):
     """TCP connections the traced tool opened to each of `ports`: connect() calls to 127.0.0.1
     on that port that did not fail outright (non-blocking sockets answer EINPROGRESS)."""
-    if not STRACE_OK:
+    if not strace_works():
         return {}
     counts = {p: 0 for p in ports}
     pat = re.compile(r"connect\(\d+, \{sa_family=AF_INET6?, sin6?_port=htons\((\d+)\)")
