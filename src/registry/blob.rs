@@ -42,10 +42,11 @@ impl RegistryClient {
     ) -> Result<BlobStream> {
         let what = self.what(repo, digest);
         let url = self.t.url(&format!("/v2/{repo}/blobs/{digest}"));
-        let client = self.t.blob_http(size.saturating_sub(offset));
+        let bytes = size.saturating_sub(offset);
+        let client = self.t.blob_http(bytes);
         let resp = self
             .t
-            .send(&what, &Access::Pull(repo.into()), || {
+            .send_blob_get(&what, &Access::Pull(repo.into()), bytes, || {
                 let req = client.get(&url);
                 if offset > 0 {
                     req.header(RANGE, format!("bytes={offset}-"))

@@ -135,7 +135,10 @@ impl RegistryError {
         }
     }
 
-    pub(crate) fn transport(what: impl Into<String>, err: &reqwest::Error) -> Self {
+    pub(crate) fn transport(
+        what: impl Into<String>,
+        err: &(dyn std::error::Error + 'static),
+    ) -> Self {
         // reqwest's Display omits the cause chain, which is where "connection reset" lives.
         let mut detail = err.to_string();
         let mut source = std::error::Error::source(err);

@@ -102,6 +102,11 @@ impl Gate {
         }
     }
 
+    /// The gate has opened for good.
+    pub(crate) fn is_open(&self) -> bool {
+        self.open.load(Ordering::Acquire)
+    }
+
     /// Sends `req`: straight away when the gate is open; else one at a time until it opens.
     pub(crate) async fn send(&self, req: RequestBuilder) -> reqwest::Result<Response> {
         if self.open.load(Ordering::Acquire) {

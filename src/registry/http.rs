@@ -16,9 +16,12 @@
 //! HTTP/1.1 keep-alive otherwise. Small blobs behave like small requests: on 200 tags of
 //! 100 KiB blobs over TLS, everything on HTTP/2 took 4.19 s, 0.6 CPU-s and 16 MiB over 1
 //! connection per registry, where small blobs on the HTTP/1.1 pool took 4.37 s, 0.7 CPU-s and
-//! 20 MiB over 17.
+//! 20 MiB over 17. Blob GETs over HTTP/1.1 take a client of our own with smaller buffers
+//! (bulk.rs) unless a proxy is configured.
 
 use std::time::Duration;
+
+use super::bulk::BulkClient;
 
 /// Which HTTP version carries which requests.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -45,6 +48,9 @@ pub const SMALL_BLOB: u64 = 1024 * 1024;
 pub(crate) struct ClientPair {
     pub(crate) meta: reqwest::Client,
     pub(crate) blob: reqwest::Client,
+    /// Carries the blob GETs `blob` would, with smaller buffers (bulk.rs); `None` under
+    /// [`HttpMode::Http2`] or when a proxy is configured.
+    bulk: Option<BulkClient>,
     /// Blob bodies up to this many bytes take `meta`; see [`ClientPair::for_body`].
     small_body_max: u64,
 }
@@ -65,9 +71,11 @@ impl ClientPair {
         // One verifier (one copy of the roots) for both clients.
         let tls = super::roots::client_config(options)?;
         let meta = build(tls.clone(), mode != HttpMode::Http1)?;
-        let blob = match mode {
-            HttpMode::Http2 => meta.clone(),
-            HttpMode::Auto | HttpMode::Http1 => build(tls, false)?,
+        let (blob, bulk) = match mode {
+            HttpMode::Http2 => (meta.clone(), None),
+            HttpMode::Auto | HttpMode::Http1 => {
+                (build(tls.clone(), false)?, BulkClient::build(tls))
+            }
         };
         // http1 keeps its own pool for blob bodies of any size, as before; under http2 both
         // clients are one.
@@ -79,6 +87,7 @@ impl ClientPair {
         Ok(ClientPair {
             meta,
             blob,
+            bulk,
             small_body_max,
         })
     }
@@ -90,6 +99,11 @@ impl ClientPair {
         } else {
             &self.blob
         }
+    }
+
+    /// The client for a blob GET of `bytes` bytes, if it is not `for_body`'s.
+    pub(crate) fn bulk_for(&self, bytes: u64) -> Option<&BulkClient> {
+        self.bulk.as_ref().filter(|_| bytes > self.small_body_max)
     }
 }
 

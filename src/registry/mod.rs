@@ -4,6 +4,7 @@
 
 pub mod auth;
 mod blob;
+mod bulk;
 mod delete;
 pub mod digest;
 mod error;

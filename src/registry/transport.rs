@@ -10,6 +10,7 @@ use reqwest::{RequestBuilder, Response, StatusCode};
 use tokio::sync::Mutex;
 
 use super::auth::{Challenge, Credentials, Token, TokenResponse};
+use super::bulk::BulkClient;
 use super::error::{RegistryError, Result};
 use super::first_contact::Gate;
 use super::http::{ClientPair, HttpClients, HttpMode};
@@ -177,10 +178,33 @@ impl Transport {
         &self,
         what: &str,
         access: &Access,
+        make: impl FnMut() -> RequestBuilder,
+    ) -> Result<Response> {
+        self.send_on(what, access, None, make).await
+    }
+
+    /// Sends a blob GET of `bytes` bytes built by `make` (from [`Transport::blob_http`]'s
+    /// client) as [`Transport::send`] does, over the bulk client when it carries such GETs.
+    pub(crate) async fn send_blob_get(
+        &self,
+        what: &str,
+        access: &Access,
+        bytes: u64,
+        make: impl FnMut() -> RequestBuilder,
+    ) -> Result<Response> {
+        self.send_on(what, access, self.clients.bulk_for(bytes), make)
+            .await
+    }
+
+    async fn send_on(
+        &self,
+        what: &str,
+        access: &Access,
+        bulk: Option<&BulkClient>,
         mut make: impl FnMut() -> RequestBuilder,
     ) -> Result<Response> {
         let header = self.auth_header(what, access, false).await?;
-        let resp = self.dispatch(what, make(), header.as_deref()).await?;
+        let resp = self.dispatch(what, make(), header.as_deref(), bulk).await?;
         if resp.status() != StatusCode::UNAUTHORIZED {
             return Ok(resp);
         }
@@ -213,7 +237,7 @@ impl Transport {
             state.tokens.remove(access);
         }
         let header = self.auth_header(what, access, true).await?;
-        let resp = self.dispatch(what, make(), header.as_deref()).await?;
+        let resp = self.dispatch(what, make(), header.as_deref(), bulk).await?;
         if resp.status() == StatusCode::UNAUTHORIZED {
             return Err(RegistryError::AuthFailed {
                 what: what.to_string(),
@@ -232,11 +256,23 @@ impl Transport {
         what: &str,
         req: RequestBuilder,
         auth: Option<&str>,
+        bulk: Option<&BulkClient>,
     ) -> Result<Response> {
         let req = match auth {
             Some(h) => req.header(AUTHORIZATION, h),
             None => req,
         };
+        // A registry's first requests go through the gate (and reqwest's connector) until it
+        // opens; a blob GET comes after its manifest, so in practice the gate is open by then.
+        if let Some(bulk) = bulk.filter(|_| self.gate.as_ref().is_none_or(Gate::is_open)) {
+            let req = req
+                .build()
+                .map_err(|e| RegistryError::transport(what, &e))?;
+            return bulk
+                .execute(req)
+                .await
+                .map_err(|e| RegistryError::transport(what, &e));
+        }
         let resp = match &self.gate {
             Some(gate) => gate.send(req).await,
             None => req.send().await,
@@ -427,7 +463,7 @@ pub(crate) async fn read_capped(
 }
 
 /// Scheme, host and port (the default port made explicit) are the same.
-fn same_origin(a: &url::Url, b: &url::Url) -> bool {
+pub(super) fn same_origin(a: &url::Url, b: &url::Url) -> bool {
     a.scheme() == b.scheme()
         && a.host_str() == b.host_str()
         && a.port_or_known_default() == b.port_or_known_default()

@@ -11,6 +11,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use futures_util::StreamExt;
 use tokio::sync::{Mutex, watch};
 
+use super::progress::CopyProgress;
 use super::verify::{FailureSlot, Verify};
 use super::{BlobOutcome, BlobRequest, BlobState, Engine, TransferError};
 use super::{chunked, watchdog};
@@ -218,10 +219,7 @@ async fn put_whole(
     tx: &Arc<watch::Sender<BlobState>>,
 ) -> Result<BlobOutcome, TransferError> {
     let digest = req.digest.as_str();
-    tx.send_replace(BlobState::Copying {
-        done: 0,
-        total: req.size,
-    });
+    let mut progress = CopyProgress::start(sent, tx, 0, req.size);
     let source = match source {
         Some(source) => source?,
         None => req
@@ -231,14 +229,8 @@ async fn put_whole(
             .map_err(|e| TransferError::source(req, e))?,
     };
     let failure = FailureSlot::default();
-    let (counter, progress, total) = (sent.clone(), tx.clone(), req.size);
-    let mut done = 0;
     let body = Verify::new(source, digest, req.size, Hasher::new(), failure.clone())
-        .on_bytes(move |n| {
-            counter.fetch_add(n, Ordering::Relaxed);
-            done += n;
-            progress.send_replace(BlobState::Copying { done, total });
-        })
+        .on_bytes(move |n| progress.add(n))
         .boxed();
     match upload.finish(digest, Some((req.size, body))).await {
         Ok(()) => Ok(BlobOutcome::Copied {

@@ -23,6 +23,7 @@ use futures_util::StreamExt;
 use tokio::sync::{oneshot, watch};
 
 use super::blob::Session;
+use super::progress::CopyProgress;
 use super::verify::FailureSlot;
 use super::{BlobOutcome, BlobRequest, BlobState, TransferError, error};
 use crate::registry::digest::Hasher;
@@ -97,21 +98,12 @@ pub(super) async fn upload(
     };
     open.held = source.hasher.clone();
     let total = req.size;
-    tx.send_replace(BlobState::Copying {
-        done: offset,
-        total,
-    });
     let mut at = offset;
     while at < total {
         let len = chunk.min(total - at);
         let failure = FailureSlot::default();
-        let (counter, progress) = (sent.clone(), tx.clone());
-        let mut done = at;
-        let (body, back) = chunk_body(source, len, failure.clone(), move |n| {
-            counter.fetch_add(n, Ordering::Relaxed);
-            done += n;
-            progress.send_replace(BlobState::Copying { done, total });
-        });
+        let mut progress = CopyProgress::start(sent, tx, at, total);
+        let (body, back) = chunk_body(source, len, failure.clone(), move |n| progress.add(n));
         match open.upload.patch(at, len, body).await {
             Ok(()) => {
                 // The registry took all `len` bytes, so the body handed the source back.

@@ -82,3 +82,102 @@ pub type ProgressSink = Arc<dyn Fn(&BlobProgress) + Send + Sync>;
 pub fn no_progress() -> ProgressSink {
     Arc::new(|_| {})
 }
+
+/// Publish [`BlobState::Copying`] after at least this many bytes...
+const PUBLISH_BYTES: u64 = 1 << 20;
+/// ...or this long since the last time, whichever comes first.
+const PUBLISH_INTERVAL: Duration = Duration::from_millis(250);
+
+/// The bytes of one copy as they go out: every byte counts in `sent` (the stall watchdog and
+/// the outcome read it), while [`BlobState::Copying`] is published at most every
+/// [`PUBLISH_BYTES`] or [`PUBLISH_INTERVAL`] and at the last byte. Every publish wakes each task
+/// that watches the transfer; per piece of body (16–64 KiB) that was ~25,000 wakeups per GiB.
+pub(super) struct CopyProgress {
+    sent: Arc<std::sync::atomic::AtomicU64>,
+    state: Arc<tokio::sync::watch::Sender<BlobState>>,
+    done: u64,
+    total: u64,
+    published: u64,
+    published_at: std::time::Instant,
+}
+
+impl CopyProgress {
+    /// Progress of a copy of `total` bytes of which `done` are at the destination; publishes
+    /// that.
+    pub(super) fn start(
+        sent: &Arc<std::sync::atomic::AtomicU64>,
+        state: &Arc<tokio::sync::watch::Sender<BlobState>>,
+        done: u64,
+        total: u64,
+    ) -> Self {
+        state.send_replace(BlobState::Copying { done, total });
+        CopyProgress {
+            sent: sent.clone(),
+            state: state.clone(),
+            done,
+            total,
+            published: done,
+            published_at: std::time::Instant::now(),
+        }
+    }
+
+    /// `n` more bytes went out.
+    pub(super) fn add(&mut self, n: u64) {
+        self.sent.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+        self.done = self.done.saturating_add(n);
+        let due = self.done >= self.total
+            || self.done - self.published >= PUBLISH_BYTES
+            || self.published_at.elapsed() >= PUBLISH_INTERVAL;
+        if due {
+            self.published = self.done;
+            self.published_at = std::time::Instant::now();
+            self.state.send_replace(BlobState::Copying {
+                done: self.done,
+                total: self.total,
+            });
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn copy_progress_counts_every_byte_but_publishes_per_mebibyte_and_at_the_end() {
+        let sent = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let (tx, mut rx) = tokio::sync::watch::channel(BlobState::Waiting);
+        let tx = Arc::new(tx);
+        let total = 3 * PUBLISH_BYTES + 10;
+        let mut p = CopyProgress::start(&sent, &tx, 0, total);
+        let copying =
+            |rx: &mut tokio::sync::watch::Receiver<BlobState>| match *rx.borrow_and_update() {
+                BlobState::Copying { done, .. } => done,
+                ref other => panic!("{other:?}"),
+            };
+        assert_eq!(copying(&mut rx), 0);
+        let mut publishes = 0;
+        let mut moved = 0;
+        while moved < total {
+            let n = (16 * 1024).min(total - moved);
+            p.add(n);
+            moved += n;
+            if rx.has_changed().unwrap() {
+                publishes += 1;
+                assert_eq!(copying(&mut rx), moved);
+            }
+        }
+        assert_eq!(sent.load(std::sync::atomic::Ordering::Relaxed), total);
+        assert_eq!(copying(&mut rx), total, "the last byte is published");
+        // 3 MiB steps + the end, plus any the 250 ms clock added on a slow machine.
+        assert!(
+            (4..=total / (16 * 1024)).contains(&publishes),
+            "{publishes}"
+        );
+        assert!(
+            publishes < 40,
+            "published {publishes} times for {} pieces",
+            total / (16 * 1024)
+        );
+    }
+}

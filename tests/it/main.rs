@@ -19,6 +19,7 @@ mod memory;
 mod platforms;
 mod prune;
 mod prune_referrers;
+mod redirects;
 mod referrers;
 mod resume;
 mod scale_bench;
