@@ -10,7 +10,7 @@ use axum::response::Response;
 use base64::Engine;
 use futures_util::TryStreamExt;
 
-use crate::support::{Flavor, RegistryConfig, Seeder, TestRegistry, mirror_cli, mirror_doc};
+use crate::support::{Flavor, RegistryConfig, Seeder, TestRegistry, mirror_cli, mirror_doc, serve};
 
 const USER: &str = "puller";
 const PASS: &str = "s3cret-pull";
@@ -24,15 +24,6 @@ struct Front {
     /// The storage origin blob GETs are sent to.
     storage: String,
     http: reqwest::Client,
-}
-
-async fn listen(app: axum::Router) -> String {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let host = listener.local_addr().unwrap().to_string();
-    tokio::spawn(async move {
-        let _ = axum::serve(listener, app).await;
-    });
-    host
 }
 
 /// Sends `req`'s method, path, `Range` and `Authorization` to `url` and answers with what came
@@ -140,7 +131,7 @@ async fn redirected_blob_gets_arrive_whole_and_never_carry_the_registrys_credent
     tokio::spawn(async move {
         let _ = axum::serve(storage_listener, storage_app).await;
     });
-    let front_host = listen(axum::Router::new().fallback(front).with_state(f.clone())).await;
+    let front_host = serve(axum::Router::new().fallback(front).with_state(f.clone())).await;
 
     let dst = TestRegistry::start();
     let dir = tempfile::tempdir().unwrap();

@@ -16,20 +16,11 @@ use axum::http::{HeaderMap, Method};
 use axum::response::Response;
 use base64::Engine;
 
-use crate::support::{Flavor, Seeder, TestRegistry, mirror_doc};
+use crate::support::{Flavor, Seeder, TestRegistry, mirror_doc, serve};
 
 /// Requests the recording port saw, headers included.
 #[derive(Default)]
 struct Recorded(Mutex<Vec<String>>);
-
-async fn start(app: axum::Router) -> String {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let host = listener.local_addr().unwrap().to_string();
-    tokio::spawn(async move {
-        let _ = axum::serve(listener, app).await;
-    });
-    host
-}
 
 async fn record(State(rec): State<Arc<Recorded>>, req: Request) -> Response {
     let mut line = format!("{} {}", req.method(), req.uri());
@@ -236,7 +227,7 @@ const ANON_BOUND_KIB: u64 = 32 << 10;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hostile_registry_cannot_panic_exhaust_memory_or_draw_credentials_away() {
     let rec = Arc::new(Recorded::default());
-    let recorder = start(axum::Router::new().fallback(record).with_state(rec.clone())).await;
+    let recorder = serve(axum::Router::new().fallback(record).with_state(rec.clone())).await;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let me = listener.local_addr().unwrap().to_string();
     let double = Arc::new(Double {

@@ -60,6 +60,16 @@ pub fn mirror_doc_sides(name: &str, source: &str, destination: &str, extra_spec:
     )
 }
 
+/// Serves `app` on an ephemeral loopback port until the test ends; returns its `host:port`.
+pub async fn serve(app: axum::Router) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let host = listener.local_addr().unwrap().to_string();
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    host
+}
+
 /// Runs the real binary with `args` and an empty docker config unless `--auth-file` is given.
 pub fn run_cli(dir: &Path, args: &[&str]) -> Output {
     std::process::Command::new(env!("CARGO_BIN_EXE_imagemirror"))
