@@ -23,6 +23,8 @@ struct Front {
     registry: String,
     /// The storage origin blob GETs are sent to.
     storage: String,
+    /// Redirect only this blob's GETs; `None`: every blob's.
+    only: Option<String>,
     http: reqwest::Client,
 }
 
@@ -65,7 +67,8 @@ async fn front(State(f): State<Arc<Front>>, req: Request) -> Response {
         .get("authorization")
         .and_then(|v| v.to_str().ok())
         .map(str::to_string);
-    if req.method() == "GET" && path.contains("/blobs/sha256:") && auth.is_some() {
+    let redirected = f.only.as_ref().is_none_or(|d| path.ends_with(d.as_str()));
+    if req.method() == "GET" && path.contains("/blobs/sha256:") && auth.is_some() && redirected {
         return Response::builder()
             .status(307)
             .header(
@@ -105,6 +108,17 @@ async fn storage(State((f, seen)): State<(Arc<Front>, Seen)>, req: Request) -> R
     forward(&f.http, url, req, Some(&own)).await
 }
 
+/// A docker config with the registry's credentials for `host`.
+fn auth_file(dir: &std::path::Path, host: &str) -> std::path::PathBuf {
+    let auth = format!(
+        r#"{{"auths":{{"{host}":{{"auth":"{}"}}}}}}"#,
+        base64::engine::general_purpose::STANDARD.encode(format!("{USER}:{PASS}"))
+    );
+    let file = dir.join("auth.json");
+    std::fs::write(&file, auth).unwrap();
+    file
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redirected_blob_gets_arrive_whole_and_never_carry_the_registrys_credentials() {
     let src = TestRegistry::start_with(RegistryConfig {
@@ -123,6 +137,7 @@ async fn redirected_blob_gets_arrive_whole_and_never_carry_the_registrys_credent
     let f = Arc::new(Front {
         registry: src.host().to_string(),
         storage: storage_listener.local_addr().unwrap().to_string(),
+        only: None,
         http: reqwest::Client::new(),
     });
     let storage_app = axum::Router::new()
@@ -135,12 +150,7 @@ async fn redirected_blob_gets_arrive_whole_and_never_carry_the_registrys_credent
 
     let dst = TestRegistry::start();
     let dir = tempfile::tempdir().unwrap();
-    let auth = format!(
-        r#"{{"auths":{{"{front_host}":{{"auth":"{}"}}}}}}"#,
-        base64::engine::general_purpose::STANDARD.encode(format!("{USER}:{PASS}"))
-    );
-    let auth_file = dir.path().join("auth.json");
-    std::fs::write(&auth_file, auth).unwrap();
+    let auth_file = auth_file(dir.path(), &front_host);
     let doc = mirror_doc(
         "redirected",
         &front_host,
@@ -184,4 +194,86 @@ async fn redirected_blob_gets_arrive_whole_and_never_carry_the_registrys_credent
         !stderr.contains(PASS) && !stdout.contains(PASS),
         "the password leaked: {stdout}\n{stderr}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redirect_target_that_demands_credentials_fails_the_blob_and_gets_none() {
+    let src = TestRegistry::start_with(RegistryConfig {
+        htpasswd: Some((USER.into(), PASS.into())),
+        ..RegistryConfig::default()
+    });
+    let image = Seeder::new(src.host())
+        .with_basic(USER, PASS)
+        .push_image("app", Some("v1"), 62, &[3 << 20], Flavor::Oci)
+        .await;
+    // Only the big layer (the bulk client's) is redirected; the config comes from the registry.
+    let (big, _) = image
+        .blobs
+        .iter()
+        .find(|(_, size)| *size > 1 << 20)
+        .cloned()
+        .unwrap();
+    // Storage that answers every request with a challenge of its own.
+    let seen: Seen = Arc::default();
+    let demanding = serve(axum::Router::new().fallback({
+        let seen = seen.clone();
+        move |req: Request| async move {
+            let auth = req
+                .headers()
+                .get("authorization")
+                .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
+            seen.lock().unwrap().push((
+                req.method().to_string(),
+                req.uri().path().to_string(),
+                format!("{:?}", req.version()),
+                auth,
+            ));
+            Response::builder()
+                .status(401)
+                .header("WWW-Authenticate", "Basic realm=\"storage\"")
+                .body(Body::empty())
+                .unwrap()
+        }
+    }))
+    .await;
+    let f = Arc::new(Front {
+        registry: src.host().to_string(),
+        storage: demanding.clone(),
+        only: Some(big.clone()),
+        http: reqwest::Client::new(),
+    });
+    let front_host = serve(axum::Router::new().fallback(front).with_state(f)).await;
+
+    let dst = TestRegistry::start();
+    let dir = tempfile::tempdir().unwrap();
+    let auth_file = auth_file(dir.path(), &front_host);
+    let doc = mirror_doc(
+        "demanding",
+        &front_host,
+        "app",
+        dst.host(),
+        "app",
+        "  tags:\n    names: [v1]\n",
+    );
+    let (code, stdout, stderr) = mirror_cli(
+        dir.path(),
+        &doc,
+        &["--auth-file", auth_file.to_str().unwrap()],
+    );
+    assert_eq!(
+        code, 1,
+        "the tag fails, not the process: {stdout}\n{stderr}"
+    );
+    let out = format!("{stdout}\n{stderr}");
+    assert!(
+        out.contains("a redirect target, not the registry") && out.contains(&demanding),
+        "the failure names the storage origin: {out}"
+    );
+    assert!(!out.contains(PASS), "the password leaked: {out}");
+    let seen = seen.lock().unwrap().clone();
+    assert!(!seen.is_empty(), "the big layer was never redirected");
+    for (_, path, _, auth) in &seen {
+        assert!(path.ends_with(big.as_str()), "{path}");
+        assert_eq!(auth, &None, "{path} carried the registry's credentials");
+    }
 }
