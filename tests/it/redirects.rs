@@ -85,17 +85,8 @@ async fn front(State(f): State<Arc<Front>>, req: Request) -> Response {
 /// Storage: serves blobs of the real registry with credentials of its own, and notes what each
 /// request carried.
 async fn storage(State((f, seen)): State<(Arc<Front>, Seen)>, req: Request) -> Response {
-    let auth = req
-        .headers()
-        .get("authorization")
-        .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
+    note(&seen, &req);
     let path = req.uri().path().to_string();
-    seen.lock().unwrap().push((
-        req.method().to_string(),
-        path.clone(),
-        format!("{:?}", req.version()),
-        auth,
-    ));
     let own = format!(
         "Basic {}",
         base64::engine::general_purpose::STANDARD.encode(format!("{USER}:{PASS}"))
@@ -108,23 +99,58 @@ async fn storage(State((f, seen)): State<(Arc<Front>, Seen)>, req: Request) -> R
     forward(&f.http, url, req, Some(&own)).await
 }
 
-/// A docker config with the registry's credentials for `host`.
-fn auth_file(dir: &std::path::Path, host: &str) -> std::path::PathBuf {
+/// The real registry: htpasswd, with [`USER`] and [`PASS`].
+fn source() -> TestRegistry {
+    TestRegistry::start_with(RegistryConfig {
+        htpasswd: Some((USER.into(), PASS.into())),
+        ..RegistryConfig::default()
+    })
+}
+
+/// Notes what reached a storage origin.
+fn note(seen: &Seen, req: &Request) {
+    let auth = req
+        .headers()
+        .get("authorization")
+        .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
+    seen.lock().unwrap().push((
+        req.method().to_string(),
+        req.uri().path().to_string(),
+        format!("{:?}", req.version()),
+        auth,
+    ));
+}
+
+/// Mirrors `app:v1` from the front, with the registry's credentials for it, into a fresh
+/// registry: that registry, and the run's exit code, stdout and stderr.
+fn mirror_from(front_host: &str, name: &str) -> (TestRegistry, i32, String, String) {
+    let dst = TestRegistry::start();
+    let dir = tempfile::tempdir().unwrap();
     let auth = format!(
-        r#"{{"auths":{{"{host}":{{"auth":"{}"}}}}}}"#,
+        r#"{{"auths":{{"{front_host}":{{"auth":"{}"}}}}}}"#,
         base64::engine::general_purpose::STANDARD.encode(format!("{USER}:{PASS}"))
     );
-    let file = dir.join("auth.json");
-    std::fs::write(&file, auth).unwrap();
-    file
+    let auth_file = dir.path().join("auth.json");
+    std::fs::write(&auth_file, auth).unwrap();
+    let doc = mirror_doc(
+        name,
+        front_host,
+        "app",
+        dst.host(),
+        "app",
+        "  tags:\n    names: [v1]\n",
+    );
+    let (code, stdout, stderr) = mirror_cli(
+        dir.path(),
+        &doc,
+        &["--auth-file", auth_file.to_str().unwrap()],
+    );
+    (dst, code, stdout, stderr)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redirected_blob_gets_arrive_whole_and_never_carry_the_registrys_credentials() {
-    let src = TestRegistry::start_with(RegistryConfig {
-        htpasswd: Some((USER.into(), PASS.into())),
-        ..RegistryConfig::default()
-    });
+    let src = source();
     // A small layer (reqwest's client) and one past imagemirror::registry::SMALL_BLOB (the
     // bulk client), big enough to take many reads.
     let image = Seeder::new(src.host())
@@ -148,22 +174,7 @@ async fn redirected_blob_gets_arrive_whole_and_never_carry_the_registrys_credent
     });
     let front_host = serve(axum::Router::new().fallback(front).with_state(f.clone())).await;
 
-    let dst = TestRegistry::start();
-    let dir = tempfile::tempdir().unwrap();
-    let auth_file = auth_file(dir.path(), &front_host);
-    let doc = mirror_doc(
-        "redirected",
-        &front_host,
-        "app",
-        dst.host(),
-        "app",
-        "  tags:\n    names: [v1]\n",
-    );
-    let (code, stdout, stderr) = mirror_cli(
-        dir.path(),
-        &doc,
-        &["--auth-file", auth_file.to_str().unwrap()],
-    );
+    let (dst, code, stdout, stderr) = mirror_from(&front_host, "redirected");
     assert_eq!(code, 0, "{stdout}\n{stderr}");
     Seeder::new(dst.host())
         .assert_copy_of("app", "v1", &image)
@@ -198,10 +209,7 @@ async fn redirected_blob_gets_arrive_whole_and_never_carry_the_registrys_credent
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_redirect_target_that_demands_credentials_fails_the_blob_and_gets_none() {
-    let src = TestRegistry::start_with(RegistryConfig {
-        htpasswd: Some((USER.into(), PASS.into())),
-        ..RegistryConfig::default()
-    });
+    let src = source();
     let image = Seeder::new(src.host())
         .with_basic(USER, PASS)
         .push_image("app", Some("v1"), 62, &[3 << 20], Flavor::Oci)
@@ -218,16 +226,7 @@ async fn a_redirect_target_that_demands_credentials_fails_the_blob_and_gets_none
     let demanding = serve(axum::Router::new().fallback({
         let seen = seen.clone();
         move |req: Request| async move {
-            let auth = req
-                .headers()
-                .get("authorization")
-                .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
-            seen.lock().unwrap().push((
-                req.method().to_string(),
-                req.uri().path().to_string(),
-                format!("{:?}", req.version()),
-                auth,
-            ));
+            note(&seen, &req);
             Response::builder()
                 .status(401)
                 .header("WWW-Authenticate", "Basic realm=\"storage\"")
@@ -244,22 +243,7 @@ async fn a_redirect_target_that_demands_credentials_fails_the_blob_and_gets_none
     });
     let front_host = serve(axum::Router::new().fallback(front).with_state(f)).await;
 
-    let dst = TestRegistry::start();
-    let dir = tempfile::tempdir().unwrap();
-    let auth_file = auth_file(dir.path(), &front_host);
-    let doc = mirror_doc(
-        "demanding",
-        &front_host,
-        "app",
-        dst.host(),
-        "app",
-        "  tags:\n    names: [v1]\n",
-    );
-    let (code, stdout, stderr) = mirror_cli(
-        dir.path(),
-        &doc,
-        &["--auth-file", auth_file.to_str().unwrap()],
-    );
+    let (_dst, code, stdout, stderr) = mirror_from(&front_host, "demanding");
     assert_eq!(
         code, 1,
         "the tag fails, not the process: {stdout}\n{stderr}"
