@@ -3,7 +3,10 @@
 
 use std::fmt;
 use std::sync::Arc;
-use std::time::Duration;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use tokio::sync::watch;
 
 use super::TransferError;
 
@@ -93,20 +96,20 @@ const PUBLISH_INTERVAL: Duration = Duration::from_millis(250);
 /// [`PUBLISH_BYTES`] or [`PUBLISH_INTERVAL`] and at the last byte. Every publish wakes each task
 /// that watches the transfer; per piece of body (16–64 KiB) that was ~25,000 wakeups per GiB.
 pub(super) struct CopyProgress {
-    sent: Arc<std::sync::atomic::AtomicU64>,
-    state: Arc<tokio::sync::watch::Sender<BlobState>>,
+    sent: Arc<AtomicU64>,
+    state: Arc<watch::Sender<BlobState>>,
     done: u64,
     total: u64,
     published: u64,
-    published_at: std::time::Instant,
+    published_at: Instant,
 }
 
 impl CopyProgress {
     /// Progress of a copy of `total` bytes of which `done` are at the destination; publishes
     /// that.
     pub(super) fn start(
-        sent: &Arc<std::sync::atomic::AtomicU64>,
-        state: &Arc<tokio::sync::watch::Sender<BlobState>>,
+        sent: &Arc<AtomicU64>,
+        state: &Arc<watch::Sender<BlobState>>,
         done: u64,
         total: u64,
     ) -> Self {
@@ -117,20 +120,20 @@ impl CopyProgress {
             done,
             total,
             published: done,
-            published_at: std::time::Instant::now(),
+            published_at: Instant::now(),
         }
     }
 
     /// `n` more bytes went out.
     pub(super) fn add(&mut self, n: u64) {
-        self.sent.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+        self.sent.fetch_add(n, Ordering::Relaxed);
         self.done = self.done.saturating_add(n);
         let due = self.done >= self.total
             || self.done - self.published >= PUBLISH_BYTES
             || self.published_at.elapsed() >= PUBLISH_INTERVAL;
         if due {
             self.published = self.done;
-            self.published_at = std::time::Instant::now();
+            self.published_at = Instant::now();
             self.state.send_replace(BlobState::Copying {
                 done: self.done,
                 total: self.total,
@@ -145,16 +148,15 @@ mod tests {
 
     #[test]
     fn copy_progress_counts_every_byte_but_publishes_per_mebibyte_and_at_the_end() {
-        let sent = Arc::new(std::sync::atomic::AtomicU64::new(0));
-        let (tx, mut rx) = tokio::sync::watch::channel(BlobState::Waiting);
+        let sent = Arc::new(AtomicU64::new(0));
+        let (tx, mut rx) = watch::channel(BlobState::Waiting);
         let tx = Arc::new(tx);
         let total = 3 * PUBLISH_BYTES + 10;
         let mut p = CopyProgress::start(&sent, &tx, 0, total);
-        let copying =
-            |rx: &mut tokio::sync::watch::Receiver<BlobState>| match *rx.borrow_and_update() {
-                BlobState::Copying { done, .. } => done,
-                ref other => panic!("{other:?}"),
-            };
+        let copying = |rx: &mut watch::Receiver<BlobState>| match *rx.borrow_and_update() {
+            BlobState::Copying { done, .. } => done,
+            ref other => panic!("{other:?}"),
+        };
         assert_eq!(copying(&mut rx), 0);
         let mut publishes = 0;
         let mut moved = 0;
@@ -167,7 +169,7 @@ mod tests {
                 assert_eq!(copying(&mut rx), moved);
             }
         }
-        assert_eq!(sent.load(std::sync::atomic::Ordering::Relaxed), total);
+        assert_eq!(sent.load(Ordering::Relaxed), total);
         assert_eq!(copying(&mut rx), total, "the last byte is published");
         // 3 MiB steps + the end, plus any the 250 ms clock added on a slow machine.
         assert!(
