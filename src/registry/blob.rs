@@ -43,11 +43,10 @@ impl RegistryClient {
         let what = self.what(repo, digest);
         let url = self.t.url(&format!("/v2/{repo}/blobs/{digest}"));
         let bytes = size.saturating_sub(offset);
-        let client = self.t.blob_http(bytes);
         let resp = self
             .t
-            .send_blob_get(&what, &Access::Pull(repo.into()), bytes, || {
-                let req = client.get(&url);
+            .send_blob_get(&what, &Access::Pull(repo.into()), bytes, |http| {
+                let req = http.get(&url);
                 if offset > 0 {
                     req.header(RANGE, format!("bytes={offset}-"))
                 } else {

@@ -189,7 +189,8 @@ pub(crate) fn next_hop(from: &Url, location: &str, hops: usize) -> Result<Url, S
     }
     let next = from
         .join(location)
-        .map_err(|e| format!("bad Location {location:?}: {e}"))?;
+        // Not echoed: a storage Location carries signatures in its query.
+        .map_err(|e| format!("the Location does not parse as a URL: {e}"))?;
     match (from.scheme(), next.scheme()) {
         ("https", "http") => Err("refusing a redirect from https to http".into()),
         (_, "http" | "https") => Ok(next),
@@ -254,6 +255,11 @@ mod tests {
             next_hop(&from, "file:///etc/passwd", 0)
                 .unwrap_err()
                 .contains("file:")
+        );
+        let bad = next_hop(&from, "https://cdn.example:99999/b?sig=SECRET", 0).unwrap_err();
+        assert!(
+            bad.contains("does not parse") && !bad.contains("SECRET"),
+            "{bad}"
         );
         let plain = url("http://reg.example/v2/");
         assert_eq!(

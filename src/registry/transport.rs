@@ -183,16 +183,18 @@ impl Transport {
         self.send_on(what, access, None, make).await
     }
 
-    /// Sends a blob GET of `bytes` bytes built by `make` (from [`Transport::blob_http`]'s
-    /// client) as [`Transport::send`] does, over the bulk client when it carries such GETs.
+    /// Sends a blob GET of `bytes` bytes built by `make` on the client for that size (see
+    /// [`Transport::blob_http`]) as [`Transport::send`] does, over the bulk client when it
+    /// carries such GETs.
     pub(crate) async fn send_blob_get(
         &self,
         what: &str,
         access: &Access,
         bytes: u64,
-        make: impl FnMut() -> RequestBuilder,
+        make: impl Fn(&reqwest::Client) -> RequestBuilder,
     ) -> Result<Response> {
-        self.send_on(what, access, self.clients.bulk_for(bytes), make)
+        let client = self.blob_http(bytes);
+        self.send_on(what, access, self.clients.bulk_for(bytes), || make(client))
             .await
     }
 
